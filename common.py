@@ -1,0 +1,1088 @@
+"""Plumbing shared by the method files: data, augmentation, backbone, distributed
+training, precision, optimisers, checkpoints, logging and the kNN monitor.
+
+The algorithms themselves (losses, heads, queues, momentum encoders) live in the
+method files. Everything here runs unchanged under `python` and under `torchrun`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+import urllib.error
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+DatasetName = Literal["cifar10", "cifar100", "stl10", "folder"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+# The ResNet family of torchvision.models; a test keeps this list in step with torchvision.
+ResNetArch = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "wide_resnet50_2", "wide_resnet101_2",
+]
+
+CHECKPOINT_FORMAT = "contrastive-ssl-checkpoint"
+CHECKPOINT_VERSION = 1
+# Images of this side or less are "small": CIFAR stem, SimCLR's CIFAR augmentation, no
+# resize-and-centre-crop at evaluation.
+SMALL_IMAGE_MAX_SIDE = 64
+
+
+class ConfigError(Exception):
+    """Invalid command-line value or input file, reported without a traceback."""
+
+
+class TrainingError(Exception):
+    """Failure that stops a run part-way, such as a non-finite loss, reported without a traceback."""
+
+
+def run_cli(main: Callable[[Any], None], args_type: type) -> None:
+    """Parse `args_type` with tyro and call `main(args)`, turning a ConfigError into a clean exit."""
+    import tyro  # imported here so that importing this module for tests stays cheap
+
+    args = tyro.cli(args_type)
+    try:
+        main(args)
+    except (ConfigError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        # Every rank checks the same inputs and sees the same averaged loss, so all of them raise
+        # together and reach this barrier. Gloo can abort at exit when a group is destroyed without one.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed training
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Placement of this process: its rank among `world_size` processes, and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def read_dist_env() -> DistEnv:
+    """Read rank and world size from the variables torchrun sets (one process when absent)."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistEnv(rank, local_rank, world_size, local_world_size, device)
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when torchrun started several processes."""
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if env.distributed:
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            dist.init_process_group(backend, device_id=env.device)
+        else:
+            dist.init_process_group(backend)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group after a barrier, which keeps gloo from aborting at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def check_positive(**flags: float) -> None:
+    """Raise ConfigError naming every flag (given by its field name) whose value is not a positive number."""
+    invalid = [f"--{name.replace('_', '-')} {value}" for name, value in flags.items()
+               if not (value > 0 and math.isfinite(value))]
+    if invalid:
+        raise ConfigError(f"{', '.join(invalid)}: must be positive")
+
+
+def validate_training_args(args: Any) -> None:
+    """Raise ConfigError for values of the training flags that every method file shares and that
+    cannot work, naming each flag and its value."""
+    problems = []
+    for name in ("epochs", "lr", "log_every", "checkpoint_every"):
+        value = getattr(args, name)
+        if not (value > 0 and math.isfinite(value)):
+            problems.append(f"--{name.replace('_', '-')} {value} must be positive")
+    for name in ("momentum", "weight_decay", "warmup_epochs", "knn_every"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            problems.append(f"--{name.replace('_', '-')} {value} must not be negative")
+    if args.batch_size < 2:
+        problems.append(f"--batch-size {args.batch_size} must be at least 2, because the other images of "
+                        f"the batch are the negatives")
+    if args.max_steps is not None and args.max_steps <= 0:
+        problems.append(f"--max-steps {args.max_steps} must be positive")
+    if args.workers is not None and args.workers < 0:
+        problems.append(f"--workers {args.workers} must not be negative (0 loads data in the training process)")
+    if args.warmup_epochs > args.epochs:
+        problems.append(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}, so the "
+                        f"learning rate would never reach its peak; lower --warmup-epochs")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def per_process_batch(global_batch: int, world_size: int) -> int:
+    """Split the global batch evenly over the processes, or raise ConfigError."""
+    if global_batch <= 0 or global_batch % world_size != 0:
+        lower = max(world_size, global_batch // world_size * world_size)
+        raise ConfigError(
+            f"--batch-size {global_batch} is the global batch and must be a positive multiple of "
+            f"the number of processes ({world_size}); use for example --batch-size {lower} or "
+            f"{lower + world_size}"
+        )
+    return global_batch // world_size
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (N, ...) from every rank in rank order into (W*N, ...), keeping gradients.
+
+    Every rank's loss uses the rows of every other rank, so the gradient of the summed loss with
+    respect to this rank's rows is the sum, over ranks, of the gradients that arrive at those rows.
+    The backward pass computes that sum with one all_reduce and returns this rank's slice. DDP then
+    averages parameter gradients over ranks, which makes W processes with N rows each match one
+    process with W*N rows when each rank's loss is the mean over its own N anchors.
+    Every rank must pass the same shape. With one process it returns `x` unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (N, ...) from every rank in rank order into (W*N, ...), without gradient.
+
+    For tensors that are constants of the loss, such as MoCo's keys. Every rank must pass the same
+    shape. With one process it returns `x` detached.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def gather_uneven(x: torch.Tensor) -> list[torch.Tensor]:
+    """Return every rank's `x`, in rank order, when the ranks hold different numbers of rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [x]
+    world_size = dist.get_world_size()
+    rows = torch.tensor([x.shape[0]], device=x.device)
+    all_rows = [torch.zeros_like(rows) for _ in range(world_size)]
+    dist.all_gather(all_rows, rows)
+    max_rows = int(max(r.item() for r in all_rows))
+    padded = x.new_zeros((max_rows, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return [part[: int(n.item())] for part, n in zip(parts, all_rows)]
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Average `x` over the ranks (a copy; `x` itself is unchanged)."""
+    x = x.detach().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x /= dist.get_world_size()
+    return x
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Return rank 0's `obj` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Return the list of every rank's `obj`, in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """Turn `auto` into bf16 on CUDA and fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for `precision` (bf16 or fp16), or a null context for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """Return a gradient scaler for fp16, whose small exponent range needs one, or None."""
+    if precision == "fp16":
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+# Per-channel mean and standard deviation of the training images, on the [0, 1] scale.
+# `folder` uses ImageNet's, the usual choice for an unknown collection of photographs.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96}
+# Side used for `folder` collections of large images, as for ImageNet.
+LARGE_IMAGE_SIZE = 224
+MIN_IMAGE_SIZE = 8
+
+
+@dataclass
+class DataInfo:
+    """Dataset facts that the transforms and the backbone depend on."""
+
+    name: str
+    root: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    has_eval_split: bool
+
+    @property
+    def small_images(self) -> bool:
+        return self.image_size <= SMALL_IMAGE_MAX_SIDE
+
+
+def _folder_eval_dir(root: str) -> Optional[str]:
+    for split in ("val", "test"):
+        path = os.path.join(root, split)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def _first_image_below(folder: str) -> Optional[str]:
+    """Return the first image file (by sorted path) anywhere below `folder`, or None."""
+    extensions = torchvision.datasets.folder.IMG_EXTENSIONS
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        for filename in sorted(filenames):
+            if filename.lower().endswith(extensions):
+                return os.path.join(dirpath, filename)
+    return None
+
+
+def _class_folders(path: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+
+
+def _check_image_folder(path: str, flag_hint: str) -> None:
+    """Raise ConfigError unless every class folder in `path` contains at least one image."""
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"data folder {path} not found; {flag_hint} expects class folders with images there "
+            f"(DATA_DIR/train/<class>/<image>); check --data-dir"
+        )
+    classes = _class_folders(path)
+    empty = [name for name in classes if _first_image_below(os.path.join(path, name)) is None]
+    if not classes or len(empty) == len(classes):
+        raise ConfigError(
+            f"data folder {path} contains no images in class folders; expected "
+            f"{path}/<class>/<image> with one of the extensions "
+            f"{', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)}"
+        )
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise ConfigError(
+            f"class folders without images in {path}: {shown}; add images to them or remove them"
+        )
+
+
+def describe_dataset(name: str, data_dir: str, image_size: Optional[int]) -> DataInfo:
+    """Check the dataset's folders and resolve its image size and normalisation.
+
+    Only the filesystem is read; nothing is downloaded here. Raises ConfigError for an unknown
+    dataset, a missing or empty `folder` dataset, or an invalid image size.
+    """
+    if name not in NORMALIZATION:
+        raise ConfigError(
+            f"unknown dataset {name!r}; choose one of {', '.join(NORMALIZATION)} "
+            f"(`folder` reads an ImageFolder at DATA_DIR/train)"
+        )
+    root = os.path.abspath(os.path.expanduser(data_dir))
+    mean, std = NORMALIZATION[name]
+    has_eval_split = True
+    if name == "folder":
+        _check_image_folder(os.path.join(root, "train"), "--dataset folder")
+        eval_dir = _folder_eval_dir(root)
+        has_eval_split = eval_dir is not None
+        if eval_dir is not None:
+            _check_image_folder(eval_dir, "--dataset folder")
+        if image_size is None:
+            image_size = _native_folder_side(os.path.join(root, "train"))
+            if image_size < MIN_IMAGE_SIZE:
+                raise ConfigError(
+                    f"the images in {root}/train are {image_size} px (judged by "
+                    f"{_first_image_below(os.path.join(root, 'train'))}), too small to train on; pass "
+                    f"--image-size {MIN_IMAGE_SIZE} or more to upscale them"
+                )
+    elif image_size is None:
+        image_size = NATIVE_IMAGE_SIZE[name]
+    if image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"--image-size {image_size} is too small; use at least {MIN_IMAGE_SIZE} pixels")
+    return DataInfo(name, root, image_size, mean, std, has_eval_split)
+
+
+def _native_folder_side(train_dir: str) -> int:
+    """Return the first image's shorter side if it is small (CIFAR-like collections), else 224."""
+    first = _first_image_below(train_dir)
+    from PIL import Image
+
+    try:
+        with Image.open(first) as image:
+            side = min(image.size)
+    except OSError as error:
+        raise ConfigError(f"cannot read image {first}: {error}") from error
+    return side if side <= SMALL_IMAGE_MAX_SIDE else LARGE_IMAGE_SIZE
+
+
+def _torchvision_dataset(name: str, root: str, split: str, transform, download: bool) -> Dataset:
+    if name == "cifar10":
+        return torchvision.datasets.CIFAR10(root, train=split == "train", transform=transform, download=download)
+    if name == "cifar100":
+        return torchvision.datasets.CIFAR100(root, train=split == "train", transform=transform, download=download)
+    if name == "stl10":
+        return torchvision.datasets.STL10(root, split=split, transform=transform, download=download)
+    raise ValueError(name)
+
+
+def prepare_download(info: DataInfo, env: DistEnv) -> None:
+    """Make sure a torchvision dataset is on disk, downloading it on each node's first process.
+
+    When the download fails (typically because there is no network), every rank raises a
+    ConfigError whose message suggests pointing --data-dir at a copy.
+    """
+    if info.name == "folder":
+        return
+    error: Optional[str] = None
+    if env.local_rank == 0:
+        try:
+            _torchvision_dataset(info.name, info.root, "test", None, download=False)
+            _torchvision_dataset(info.name, info.root, "train", None, download=False)
+        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+            print(f"{info.name} not found in {info.root}, or its files failed torchvision's checksum; "
+                  f"downloading it with torchvision", flush=True)
+            try:
+                _torchvision_dataset(info.name, info.root, "test", None, download=True)
+            except (urllib.error.URLError, OSError, RuntimeError, zipfile.BadZipFile) as download_error:
+                error = f"{type(download_error).__name__}: {download_error}"
+    if env.distributed:
+        errors = gather_objects(error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ConfigError(
+            f"{info.name} is not in {info.root} and downloading it failed ({error}). "
+            f"This machine may have no network: download the dataset elsewhere and point "
+            f"--data-dir at the folder that contains it, or convert it to class folders of "
+            f"images and use --dataset folder"
+        )
+
+
+def load_rgb_image(path: str):
+    """Open an image as RGB with torchvision's loader, naming the file when it cannot be decoded."""
+    try:
+        return torchvision.datasets.folder.pil_loader(path)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's decoding errors, UnidentifiedImageError included
+        raise OSError(f"cannot read image {path}: {error}; remove or replace the file") from error
+
+
+def image_folder(path: str, transform) -> torchvision.datasets.ImageFolder:
+    # NOTE: a corrupt image stops the run when the loader reaches it, with the file named; it is
+    # neither skipped nor found by a check before training.
+    return torchvision.datasets.ImageFolder(path, transform=transform, loader=load_rgb_image)
+
+
+def pretrain_dataset(info: DataInfo, transform) -> Dataset:
+    """Return the pretraining split: train, or train+unlabeled for STL-10."""
+    if info.name == "folder":
+        return image_folder(os.path.join(info.root, "train"), transform)
+    split = "train+unlabeled" if info.name == "stl10" else "train"
+    return _torchvision_dataset(info.name, info.root, split, transform, download=False)
+
+
+def eval_datasets(info: DataInfo, train_transform, test_transform) -> tuple[Dataset, Dataset]:
+    """Return the labelled (train, test) splits of the kNN monitor and the linear probe.
+
+    Images are read with torchvision's PIL loader, which converts greyscale, palette and RGBA
+    images to RGB (alpha is dropped), so every image reaches the transforms with three channels.
+    """
+    if info.name == "folder":
+        eval_dir = _folder_eval_dir(info.root)
+        if eval_dir is None:
+            raise ConfigError(
+                f"{info.root} has no val/ or test/ folder, so there is no labelled split to "
+                f"evaluate on; add DATA_DIR/val/<class>/<image> or DATA_DIR/test/<class>/<image>"
+            )
+        train = image_folder(os.path.join(info.root, "train"), train_transform)
+        test = image_folder(eval_dir, test_transform)
+        if test.class_to_idx != train.class_to_idx:
+            raise ConfigError(
+                f"the class folders of {eval_dir} differ from those of {info.root}/train; "
+                f"both splits need the same classes"
+            )
+        return train, test
+    train = _torchvision_dataset(info.name, info.root, "train", train_transform, download=False)
+    test = _torchvision_dataset(info.name, info.root, "test", test_transform, download=False)
+    return train, test
+
+
+def num_classes(dataset: Dataset) -> int:
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    raise ValueError(f"cannot tell the number of classes of {type(dataset).__name__}")
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch after its first `skip` samples (mid-epoch resume).
+
+    With one process it is a plain seeded shuffle. The order depends only on (seed, epoch), so a
+    resumed run visits the same images in the same order as an uninterrupted one.
+    """
+
+    def __init__(self, dataset: Dataset, env: DistEnv, seed: int):
+        super().__init__(
+            dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def default_workers(env: DistEnv) -> int:
+    """Data-loading processes per training process: the CPUs this node can give it, at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // env.local_world_size))
+
+
+def pretrain_loader(dataset: Dataset, batch_per_process: int, workers: int, env: DistEnv, seed: int):
+    """Build a shuffling loader of per-process batches that drops the last partial batch."""
+    sampler = ResumableDistributedSampler(dataset, env, seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_per_process,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+    return loader, sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+class TwoViews:
+    """Apply one random transform twice to the same image, giving the two views of a positive pair."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"TwoViews({self.transform})"
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """SimCLR's Gaussian-blur kernel: 10% of the image side, made odd."""
+    return int(0.1 * image_size) // 2 * 2 + 1
+
+
+def simclr_augmentation(
+    image_size: int, mean: Sequence[float], std: Sequence[float], strength: float, blur: bool
+) -> T.Compose:
+    """One view of SimCLR's augmentation (Chen et al. 2020, appendix A), as torchvision transforms.
+
+    The steps are: random resized crop (area 0.08 to 1, aspect ratio 3/4 to 4/3), horizontal flip,
+    colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with probability 0.8, and greyscale with probability 0.2.
+    When `blur` is set, Gaussian blur follows with probability 0.5, sigma 0.1 to 2.0 and a kernel
+    10% of the side. The authors use s=1 with blur on ImageNet and s=0.5 without blur on CIFAR-10.
+    """
+    s = strength
+    # DEVIATION: torchvision's ColorJitter scales brightness by a factor in [1-0.8s, 1+0.8s], as
+    # SimCLR v2's code does; SimCLR v1's code adds an offset instead. The ops run in random order
+    # in both. Crops that fail 10 sampling attempts fall back to a centre crop (torchvision)
+    # rather than after 100 (SimCLR's code).
+    steps: list[nn.Module] = [
+        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if blur:
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5))
+    # DEVIATION: SimCLR's code feeds pixels in [0, 1]; here they are standardised per channel
+    # with the dataset's mean and std, the torchvision convention shared by every method file.
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+    """Evaluation transform: resize to side/0.875 and centre-crop for large images; small images
+    are only resized when their side differs from `image_size`."""
+    if image_size > SMALL_IMAGE_MAX_SIDE:
+        resize = [T.Resize(int(round(image_size / 0.875)), antialias=True), T.CenterCrop(image_size)]
+    else:
+        resize = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone
+# ----------------------------------------------------------------------------------------------
+
+
+def build_backbone(arch: str, cifar_stem: bool, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+    """Build a randomly initialised torchvision ResNet without its classifier; return it and its
+    feature width.
+
+    `cifar_stem` replaces the 7x7 stride-2 convolution and the max-pool with one 3x3 stride-1
+    convolution, as SimCLR's code does for CIFAR images, so that 32-pixel inputs are not reduced
+    to 8 pixels before the first residual stage. `zero_init_residual` starts the last BatchNorm
+    scale of every residual block at 0, so each block starts as the identity. The module keeps
+    torchvision's parameter names, so its state dict loads into `torchvision.models.<arch>()`
+    given the same stem and `fc`.
+    """
+    if arch not in ResNetArch.__args__:
+        raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ResNetArch.__args__)}")
+    model = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, feature_dim
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisers and learning-rate schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def scale_lr(base_lr: float, global_batch: int, scaling: Literal["linear", "sqrt"]) -> float:
+    """SimCLR's learning-rate scaling: base * B/256 (linear) or base * sqrt(B) (sqrt)."""
+    if scaling == "linear":
+        return base_lr * global_batch / 256
+    return base_lr * math.sqrt(global_batch)
+
+
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Learning rate at optimiser step `step` (counted from 0), as in SimCLR's code.
+
+    Linear warm-up from 0 to `peak_lr` over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+    """
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split the trainable parameters into (weights, biases and normalisation parameters) by rank.
+
+    Convolution and linear weights have 2 or more dimensions; biases and the scale and shift of
+    BatchNorm, LayerNorm and GroupNorm have one. Frozen parameters are left out.
+    """
+    weights, others = [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        (weights if parameter.ndim > 1 else others).append(parameter)
+    return weights, others
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017), in the form of SimCLR's TensorFlow code.
+
+    For each parameter tensor w with gradient g, in a group with `lars=True`:
+        g <- g + weight_decay * w
+        trust = trust_coefficient * ||w|| / ||g||   (1 when either norm is 0)
+        v <- momentum * v + lr * trust * g
+        w <- w - v
+    Groups with `lars=False` skip the trust ratio (SimCLR excludes biases and BatchNorm parameters
+    from both weight decay and adaptation; give such a group weight_decay=0 as well). The learning
+    rate enters the momentum buffer, as in SimCLR's "classic momentum", not after it as in
+    torch.optim.SGD; the two differ while the learning rate changes.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, lars=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if group["weight_decay"] != 0:
+                    g = g.add(w, alpha=group["weight_decay"])
+                scaled_lr = group["lr"]
+                if group["lars"]:
+                    w_norm = torch.linalg.vector_norm(w)
+                    g_norm = torch.linalg.vector_norm(g)
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["trust_coefficient"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    scaled_lr = trust * group["lr"]
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                v = state["momentum_buffer"]
+                v.mul_(group["momentum"]).add_(g * scaled_lr)
+                w.sub_(v)
+        return loss
+
+
+def build_optimizer(
+    name: Literal["lars", "sgd"], model: nn.Module, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """LARS with biases and normalisation parameters excluded from weight decay and adaptation
+    (SimCLR's code), or SGD with momentum and weight decay on every parameter (MoCo's code)."""
+    weights, others = split_decay_params(model)
+    if name == "lars":
+        groups = [
+            {"params": weights, "weight_decay": weight_decay, "lars": True},
+            {"params": others, "weight_decay": 0.0, "lars": False},
+        ]
+        return LARS(groups, lr=lr, momentum=momentum)
+    if name == "sgd":
+        return torch.optim.SGD(weights + others, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ConfigError(f"unknown --optimizer {name!r}; choose lars or sgd")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder, checkpoints and logging
+# ----------------------------------------------------------------------------------------------
+
+
+def to_jsonable(args: Any) -> dict[str, Any]:
+    """Convert the dataclass `args` to a dict of plain values, as args.json and checkpoints store it."""
+    return json.loads(json.dumps(dataclasses.asdict(args)))
+
+
+def resolve_output_dir(output_dir: Optional[str], resume: Optional[str], method: str,
+                       info: DataInfo, arch: str) -> str:
+    """Return the run folder: --output-dir, else the resumed checkpoint's folder, else a new
+    runs/<method>-<dataset>-<arch>-<time>, named on rank 0 and shared with the other ranks."""
+    if output_dir is None and resume is not None:
+        output_dir = os.path.dirname(os.path.abspath(resume))
+    if output_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output_dir = broadcast_object(os.path.join("runs", f"{method}-{info.name}-{arch}-{stamp}"))
+    return output_dir
+
+
+def prepare_output_dir(output_dir: str, resume: Optional[str], overwrite: bool, env: DistEnv,
+                       resume_step: Optional[int] = None) -> None:
+    """Create the run folder on rank 0, and raise ConfigError on every rank if it is not writable or
+    already contains another run's checkpoint."""
+    error: Optional[str] = None
+    if env.is_main:
+        checkpoint = os.path.join(output_dir, "checkpoint.pt")
+        resuming_here = resume is not None and os.path.exists(checkpoint) and os.path.samefile(resume, checkpoint)
+        if os.path.exists(checkpoint) and not resuming_here and not overwrite:
+            error = (f"{output_dir} already contains a checkpoint of another run; pass --resume "
+                     f"{checkpoint} to continue that run, --overwrite to replace it, or choose another "
+                     f"--output-dir")
+        else:
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+                probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.remove(probe)
+                _tidy_run_files(output_dir, resume_step if resume is not None else None)
+            except OSError as os_error:
+                error = f"cannot write to --output-dir {output_dir}: {os_error}"
+    error = broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
+
+
+def _tidy_run_files(output_dir: str, resume_step: Optional[int]) -> None:
+    """Start a new run's log and drop an earlier run's scores; on resume, drop the log lines of
+    steps after the checkpoint, which the resumed run logs again."""
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if resume_step is None:
+        for name in ("metrics.jsonl", "eval.json", "eval_random_init.json"):
+            if os.path.exists(os.path.join(output_dir, name)):
+                os.remove(os.path.join(output_dir, name))
+    elif os.path.exists(metrics):
+        with open(metrics) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        with open(metrics, "w") as f:
+            f.writelines(kept)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename it over `path`.
+
+    A crash while writing leaves the previous file intact, because the rename is atomic on POSIX
+    filesystems.
+    """
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Return this process's Python, NumPy, torch and CUDA random states as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: str, *, method: str, args: Any, info: DataInfo, arch: str, cifar_stem: bool,
+                    feature_dim: int, step: int, epoch: int, steps_per_epoch: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                    env: DistEnv, extra: Optional[dict[str, Any]] = None) -> None:
+    """Write the run's state to `path` atomically, and the backbone alone to backbone.pt beside it.
+
+    Every rank must call this (the RNG states are gathered); only rank 0 writes. `model` must be the
+    raw module, not its DDP or compiled wrapper, so that the keys carry no prefix. The keys of the
+    evaluated encoder start with "backbone.".
+    """
+    rng_states = gather_objects(capture_rng_state())
+    if not env.is_main:
+        return
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "method": method,
+        "args": to_jsonable(args),
+        "data": {"dataset": info.name, "data_dir": info.root, "image_size": info.image_size,
+                 "mean": list(info.mean), "std": list(info.std)},
+        "backbone": {"arch": arch, "cifar_stem": cifar_stem, "feature_dim": feature_dim},
+        "step": step,
+        "epoch": epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": env.world_size,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_states,
+    }
+    if extra:
+        state.update(extra)
+    atomic_save(state, path)
+    atomic_save(backbone_state_dict(state["model"]), os.path.join(os.path.dirname(path), "backbone.pt"))
+
+
+def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Select the entries of a method's state dict under "backbone.", with that prefix removed."""
+    prefix = "backbone."
+    return {key[len(prefix):]: value for key, value in model_state.items() if key.startswith(prefix)}
+
+
+def load_checkpoint(path: str, method: Optional[str] = None) -> dict[str, Any]:
+    """Read a checkpoint of this collection with torch.load(weights_only=True) and validate it.
+
+    Raises ConfigError when the file is missing, unreadable (corrupt, truncated, or a pickle that
+    needs arbitrary code), not one of ours, or written by another method than `method`.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"checkpoint {path} is a folder; pass the file, such as {os.path.join(path, 'checkpoint.pt')}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    # The weights-only unpickler reports a malformed file with many exception types (KeyError and
+    # IndexError among them), so every failure to read becomes the same clear error.
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
+        reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        raise ConfigError(
+            f"cannot read checkpoint {path} ({reason}). The file is corrupt or truncated, or is not "
+            f"a PyTorch checkpoint of tensors and plain values (files that need arbitrary "
+            f"unpickling are rejected)"
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        hint = ""
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            hint = (" It looks like a plain state dict (for example torchvision weights or a "
+                    "backbone.pt); pass the checkpoint.pt of a run instead")
+        raise ConfigError(f"{path} is not a checkpoint written by this collection.{hint}")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"{path} has checkpoint version {state.get('version')}, but this code reads version "
+            f"{CHECKPOINT_VERSION}"
+        )
+    if method is not None and state["method"] != method:
+        raise ConfigError(
+            f"{path} was written by {state['method']}.py, not {method}.py; resume it with "
+            f"{state['method']}.py, or start a new run"
+        )
+    return state
+
+
+# Arguments that may differ between a run and its resumption. Any other difference is an error,
+# because it would change the schedule, the data order or the model.
+RESUMABLE_CHANGES = {
+    "resume", "output_dir", "overwrite", "max_steps", "log_every", "knn_every",
+    "checkpoint_every", "workers", "compile", "channels_last", "data_dir", "precision", "sync_bn",
+}
+
+
+def check_resume(state: dict[str, Any], resolved_args: Any, steps_per_epoch: int, path: str) -> None:
+    """Raise ConfigError unless this run's resolved arguments and data match the checkpoint's.
+
+    Arguments are compared after their defaults are resolved (image size, colour strength and so
+    on), so spelling out a default is no change. The steps per epoch must match too, because the
+    step counter maps to an epoch and a position in it only for the same number of images.
+    """
+    saved, current = state["args"], to_jsonable(resolved_args)
+
+    def shown(value: Any) -> str:
+        return "unset" if value is None else repr(value)
+
+    changed = [
+        f"--{key.replace('_', '-')} {shown(saved.get(key))} -> {shown(current[key])}"
+        for key in current
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {path} with different settings: {'; '.join(changed)}. Repeat the "
+            f"original command with --resume, or start a new run"
+        )
+    if state["steps_per_epoch"] != steps_per_epoch:
+        raise ConfigError(
+            f"cannot resume {path}: the training data now gives {steps_per_epoch} steps per epoch, "
+            f"but the checkpoint was trained with {state['steps_per_epoch']}; resume with the same "
+            f"images, or start a new run"
+        )
+
+
+def log_metrics(record: dict[str, Any], jsonl_path: str) -> None:
+    """Print one line of `record` and append it as JSON to `jsonl_path`."""
+    parts = []
+    for key, value in record.items():
+        if isinstance(value, float):
+            text = f"{value:.4g}" if key != "lr" else f"{value:.3e}"
+        else:
+            text = str(value)
+        parts.append(f"{key} {text}")
+    print(" | ".join(parts), flush=True)
+    with open(jsonl_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature extraction and the kNN monitor
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module, dataset: Dataset, batch_size: int, workers: int, env: DistEnv, precision: str,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode every image of `dataset`; return float32 features and labels in dataset order, on every rank.
+
+    Each rank encodes every W-th image (rank r takes r, r+W, ...), then the shards are gathered.
+    `encoder` must already be in eval mode.
+    """
+    indices = list(range(env.rank, len(dataset), env.world_size))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=env.device.type == "cuda")
+    features, labels = [], []
+    for images, targets in loader:
+        with autocast(env.device, precision):
+            out = encoder(images.to(env.device, memory_format=memory_format, non_blocking=True))
+        features.append(out.float())
+        labels.append(targets.to(env.device))
+    if features:
+        local_features, local_labels = torch.cat(features), torch.cat(labels)
+    else:  # more ranks than images: learn the feature width from one image
+        with autocast(env.device, precision):
+            width = encoder(dataset[0][0].unsqueeze(0).to(env.device)).shape[1]
+        local_features = torch.zeros(0, width, device=env.device)
+        local_labels = torch.zeros(0, dtype=torch.long, device=env.device)
+    feature_shards = gather_uneven(local_features)
+    label_shards = gather_uneven(local_labels)
+    width = max(shard.shape[1] for shard in feature_shards)
+    out_features = torch.empty(len(dataset), width, device=env.device)
+    out_labels = torch.empty(len(dataset), dtype=torch.long, device=env.device)
+    for rank, (f, y) in enumerate(zip(feature_shards, label_shards)):
+        out_features[rank :: env.world_size] = f
+        out_labels[rank :: env.world_size] = y
+    return out_features, out_labels
+
+
+@torch.no_grad()
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Predict labels by weighted k-nearest-neighbour vote (Wu et al. 2018, section 3.4).
+
+    Features are L2-normalised. Each of the k most cosine-similar training images votes for its
+    label with weight exp(similarity / temperature), and the class with the largest total wins.
+    """
+    bank = F.normalize(train_features.float(), dim=1)
+    k = min(k, bank.shape[0])
+    predictions = []
+    for start in range(0, test_features.shape[0], chunk):
+        queries = F.normalize(test_features[start : start + chunk].float(), dim=1)
+        similarity = queries @ bank.T  # (chunk, N_train)
+        top_similarity, top_index = similarity.topk(k, dim=1)
+        weights = (top_similarity / temperature).exp()
+        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
+        votes.scatter_add_(1, train_labels[top_index], weights)
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+
+
+def knn_top1(train_features, train_labels, test_features, test_labels, num_classes: int,
+             k: int = 200, temperature: float = 0.1) -> float:
+    """Fraction of test images whose weighted-kNN label is right."""
+    predictions = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
+    return (predictions == test_labels).float().mean().item()
+
+
+def knn_monitor(backbone: nn.Module, train_set: Dataset, test_set: Dataset, batch_size: int, workers: int,
+                env: DistEnv, precision: str, memory_format: torch.memory_format = torch.contiguous_format,
+                k: int = 200, temperature: float = 0.1) -> float:
+    """Weighted-kNN top-1 of `backbone`'s features (k=200, T=0.1 as in Wu et al. 2018).
+
+    Every rank takes part. The backbone runs in eval mode, so BatchNorm uses its running
+    statistics, and is put back in its previous mode afterwards.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    train_features, train_labels = extract_features(backbone, train_set, batch_size, workers, env, precision,
+                                                    memory_format)
+    test_features, test_labels = extract_features(backbone, test_set, batch_size, workers, env, precision,
+                                                  memory_format)
+    backbone.train(was_training)
+    return knn_top1(train_features, train_labels, test_features, test_labels, num_classes(train_set), k, temperature)

@@ -1,0 +1,270 @@
+"""Linear-probe and kNN evaluation of a backbone pretrained by any method file of this collection.
+
+The backbone is frozen and stays in eval mode throughout, so its BatchNorm layers use the running
+statistics from pretraining and nothing about it changes (checked bit for bit at the end). Two
+scores are computed on the average-pooled features:
+  * linear probe: a linear classifier trained with cross-entropy on the training split, reported
+    as top-1 and top-5 accuracy on the full test split;
+  * weighted kNN: k=200 neighbours with weights exp(cos/0.1) on L2-normalised features
+    (Wu et al. 2018), top-1 on the test split.
+Without --augment, the features of both splits are computed once and the probe trains on them,
+which takes seconds. --random-init scores a randomly initialised backbone of the same
+architecture instead: the baseline that pretraining has to beat.
+
+Run:
+    python eval_linear.py --checkpoint runs/<run>/checkpoint.pt
+    python eval_linear.py --checkpoint runs/<run>/checkpoint.pt --random-init
+    torchrun --nproc_per_node=8 eval_linear.py --checkpoint runs/<run>/checkpoint.pt
+The last line printed is JSON with linear_top1, linear_top5 and knn_top1 as fractions; the same JSON
+is written beside the checkpoint as eval.json (eval_random_init.json with --random-init).
+
+Shapes: M training images, Q test images, F feature width, C classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+import common
+
+
+@dataclass
+class Args:
+    checkpoint: str
+    """checkpoint.pt of a pretraining run of this collection"""
+    dataset: Optional[common.DatasetName] = None
+    """dataset to evaluate on. Unset: the one the checkpoint was pretrained on (another one needs --data-dir)"""
+    data_dir: Optional[str] = None
+    """dataset folder. Unset: the checkpoint's"""
+    image_size: Optional[int] = None
+    """image side in pixels. Unset: the checkpoint's"""
+    arch: Optional[common.ResNetArch] = None
+    """backbone architecture. Unset: the checkpoint's; another architecture needs --random-init"""
+    random_init: bool = False
+    """score a backbone with torchvision's random initialisation instead of the checkpoint's weights (the baseline)"""
+    epochs: int = 100
+    """epochs of linear-probe training (this collection's choice; MoCo's protocol also trains 100)"""
+    batch_size: int = 256
+    """global batch size in images of the probe's training and of feature extraction, split over the processes"""
+    lr: float = 0.1
+    """probe learning rate per 256 images, scaled linearly with --batch-size, with cosine decay (this collection's choice for standardised features)"""
+    weight_decay: float = 0.0
+    """probe weight decay (SimCLR and MoCo use none)"""
+    momentum: float = 0.9
+    """probe SGD Nesterov momentum"""
+    augment: bool = False
+    """train the probe on random resized crops and flips, encoding every batch anew, instead of on cached features of the plain images"""
+    knn_k: int = 200
+    """neighbours of the kNN classifier (Wu et al. 2018: 200)"""
+    knn_temperature: float = 0.1
+    """temperature of the kNN vote weights exp(cos/T) (Wu et al. 2018: 0.1)"""
+    workers: Optional[int] = None
+    """data-loading processes per process (0 loads in the main process). Unset: this node's CPUs divided by its processes, at most 8"""
+    precision: common.Precision = "auto"
+    """autocast precision of the backbone: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32"""
+    seed: int = 0
+    """seed of the probe's initialisation and batch order, and of --random-init"""
+
+
+def linear_probe(feature_dim: int, classes: int) -> nn.Sequential:
+    """A linear classifier on features standardised by BatchNorm without affine parameters.
+
+    The standardisation is a fixed affine map at test time, so the probe is still linear in the
+    features. It lets one learning rate fit backbones whose feature scales differ widely, the same
+    choice as MAE's linear probe (He et al. 2022).
+    """
+    return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, classes))
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    return hits.float().mean().item()
+
+
+def train_probe_on_features(features: torch.Tensor, labels: torch.Tensor, classes: int, args: Args,
+                            peak_lr: float) -> nn.Module:
+    """Train the probe on cached features (M, F). Every rank runs the same steps on the same data."""
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    probe = linear_probe(features.shape[1], classes).to(features.device)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(features.shape[0] / args.batch_size)
+    total_steps = args.epochs * steps_per_epoch
+    step = 0
+    probe.train()
+    for _ in range(args.epochs):
+        order = torch.randperm(features.shape[0], generator=generator).to(features.device)
+        for start in range(0, features.shape[0], args.batch_size):
+            index = order[start : start + args.batch_size]
+            if index.numel() < 2:  # BatchNorm needs two samples to standardise
+                continue
+            common.set_lr(optimizer, common.warmup_cosine_lr(step, total_steps, 0, peak_lr))
+            loss = F.cross_entropy(probe(features[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return probe.eval()
+
+
+def train_probe_with_augmentation(backbone: nn.Module, dataset, feature_dim: int, classes: int, args: Args,
+                                  peak_lr: float, env: common.DistEnv, workers: int, precision: str) -> nn.Module:
+    """Train the probe on augmented images encoded by the frozen backbone, data-parallel over ranks."""
+    torch.manual_seed(args.seed)
+    batch_per_process = common.per_process_batch(args.batch_size, env.world_size)
+    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=args.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=batch_per_process, sampler=sampler, num_workers=workers,
+                        pin_memory=env.device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
+    probe = linear_probe(feature_dim, classes).to(env.device)
+    train_probe = DDP(probe, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
+        if env.distributed else probe
+    optimizer = torch.optim.SGD(probe.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
+                                weight_decay=args.weight_decay)
+    total_steps = args.epochs * len(loader)
+    step = 0
+    probe.train()
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        for images, targets in loader:
+            common.set_lr(optimizer, common.warmup_cosine_lr(step, total_steps, 0, peak_lr))
+            with torch.no_grad(), common.autocast(env.device, precision):
+                features = backbone(images.to(env.device, non_blocking=True))  # (N, F)
+            loss = F.cross_entropy(train_probe(features.float()), targets.to(env.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return probe.eval()
+
+
+def main(args: Args) -> None:
+    env = common.read_dist_env()
+    common.check_positive(epochs=args.epochs, lr=args.lr, knn_k=args.knn_k, knn_temperature=args.knn_temperature)
+    if args.batch_size < 2:
+        raise common.ConfigError(f"--batch-size {args.batch_size} must be at least 2, because the probe "
+                                 f"standardises features with batch statistics")
+    if args.weight_decay < 0 or args.momentum < 0:
+        raise common.ConfigError(f"--weight-decay {args.weight_decay} and --momentum {args.momentum} must not be negative")
+    if args.workers is not None and args.workers < 0:
+        raise common.ConfigError(f"--workers {args.workers} must not be negative (0 loads in the main process)")
+    common.per_process_batch(args.batch_size, env.world_size)
+    state = common.load_checkpoint(args.checkpoint)
+    saved_data, saved_backbone = state["data"], state["backbone"]
+    arch = args.arch or saved_backbone["arch"]
+    if arch != saved_backbone["arch"] and not args.random_init:
+        raise common.ConfigError(
+            f"{args.checkpoint} contains {saved_backbone['arch']} weights, so --arch {arch} is invalid "
+            f"without --random-init; drop --arch to evaluate the checkpoint"
+        )
+    dataset = args.dataset or saved_data["dataset"]
+    if dataset != saved_data["dataset"] and args.data_dir is None:
+        raise common.ConfigError(
+            f"--dataset {dataset} differs from the checkpoint's dataset ({saved_data['dataset']}), so its "
+            f"folder {saved_data['data_dir']} does not apply; pass --data-dir for {dataset}"
+        )
+    try:
+        info = common.describe_dataset(dataset, args.data_dir or saved_data["data_dir"],
+                                       args.image_size or saved_data["image_size"])
+    except common.ConfigError as error:
+        if args.data_dir is None:
+            raise common.ConfigError(
+                f"{error}. The folder {saved_data['data_dir']} comes from the checkpoint; if the data "
+                f"has moved, pass --data-dir NEW_FOLDER"
+            ) from error
+        raise
+    workers = args.workers if args.workers is not None else common.default_workers(env)
+    precision = common.resolve_precision(args.precision, env.device)
+
+    common.init_distributed(env)
+    common.prepare_download(info, env)
+    plain = common.eval_transform(info.image_size, info.mean, info.std)
+    train_set, test_set = common.eval_datasets(info, plain, plain)
+    classes = common.num_classes(train_set)
+
+    # Backbone: the checkpoint's weights, or a random initialisation of the same shape.
+    torch.manual_seed(args.seed)
+    backbone, feature_dim = common.build_backbone(arch, cifar_stem=saved_backbone["cifar_stem"])
+    if not args.random_init:
+        backbone.load_state_dict(common.backbone_state_dict(state["model"]), strict=True)
+    backbone = backbone.to(env.device).eval()
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    reference = {key: value.clone() for key, value in backbone.state_dict().items()}
+    source = "random initialisation" if args.random_init else f"{state['method']} step {state['step']}"
+    if env.is_main:
+        print(f"eval_linear: {arch} ({source}) on {info.name}: {len(train_set)} training and "
+              f"{len(test_set)} test images of {info.image_size} px, {classes} classes")
+
+    # Features of the plain images, computed once: kNN bank and queries, cached probe inputs.
+    batch_per_process = args.batch_size // env.world_size
+    train_features, train_labels = common.extract_features(backbone, train_set, batch_per_process, workers, env, precision)  # (M, F)
+    test_features, test_labels = common.extract_features(backbone, test_set, batch_per_process, workers, env, precision)  # (Q, F)
+    knn_k = min(args.knn_k, len(train_set))  # the vote cannot use more neighbours than there are
+    knn = common.knn_top1(train_features, train_labels, test_features, test_labels, classes,
+                          knn_k, args.knn_temperature)
+
+    # Linear probe.
+    peak_lr = args.lr * args.batch_size / 256
+    if args.augment:
+        # SimCLR's linear evaluation augments with random resized crops and flips only.
+        augmented = T.Compose([T.RandomResizedCrop(info.image_size, antialias=True), T.RandomHorizontalFlip(),
+                               T.ToTensor(), T.Normalize(info.mean, info.std)])
+        augmented_train_set, _ = common.eval_datasets(info, augmented, plain)
+        if len(augmented_train_set) < args.batch_size:
+            raise common.ConfigError(
+                f"--augment needs at least one full batch, but the training split has "
+                f"{len(augmented_train_set)} images and --batch-size is {args.batch_size}; lower --batch-size"
+            )
+        probe = train_probe_with_augmentation(backbone, augmented_train_set, feature_dim, classes, args,
+                                              peak_lr, env, workers, precision)
+    else:
+        probe = train_probe_on_features(train_features, train_labels, classes, args, peak_lr)
+    with torch.no_grad():
+        logits = probe(test_features)  # (Q, C)
+    top1 = topk_accuracy(logits, test_labels, 1)
+    top5 = topk_accuracy(logits, test_labels, 5)
+
+    # The backbone must come out exactly as it went in (weights and BatchNorm statistics).
+    changed = [key for key, value in backbone.state_dict().items() if not torch.equal(value, reference[key])]
+    if changed:
+        raise RuntimeError(f"the frozen backbone changed during evaluation: {', '.join(changed[:5])}")
+
+    result = {
+        "linear_top1": top1, "linear_top5": top5, "knn_top1": knn,
+        "method": state["method"], "arch": arch, "step": state["step"], "random_init": args.random_init,
+        "checkpoint": os.path.abspath(args.checkpoint), "dataset": info.name, "data_dir": info.root,
+        "image_size": info.image_size, "train_images": len(train_set), "test_images": len(test_set),
+        "probe": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                  "weight_decay": args.weight_decay, "augment": args.augment, "seed": args.seed},
+        "knn": {"k": knn_k, "temperature": args.knn_temperature},
+    }
+    if env.is_main:
+        name = "eval_random_init.json" if args.random_init else "eval.json"
+        path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name)
+        try:
+            with open(path, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as error:
+            print(f"warning: cannot write {path}: {error}")
+        print(f"linear top-1 {top1:.4f} | linear top-5 {top5:.4f} | kNN top-1 {knn:.4f} (k={knn_k}, "
+              f"T={args.knn_temperature}) -> {path}")
+        print(json.dumps(result), flush=True)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_cli(main, Args)
