@@ -1,0 +1,148 @@
+"""SimCLR on a CIFAR-10 subset within a CPU budget: pretrain, then score against a random backbone.
+
+Builds a `folder` dataset of the first --train-per-class training and --test-per-class test images
+of each class from a CIFAR-10 copy in class folders (SRC/train/<class>/*.jpg, SRC/test/...), runs
+
+    python simclr.py --dataset folder --data-dir SUBSET --arch resnet18 --batch-size 128 --max-steps 170
+    python eval_linear.py --checkpoint RUN/checkpoint.pt
+    python eval_linear.py --checkpoint RUN/checkpoint.pt --random-init
+
+and prints the kNN and linear-probe figures of both, the wall times and the machine, ending with
+one line of JSON. With --min-knn and --min-knn-gain it exits with status 1 when the pretrained
+kNN top-1 falls below the bound or beats the random backbone by less than the gain.
+
+Run (the full check, about 40 minutes on a 2-core CPU):
+    python benchmarks/simclr_cpu_budget.py --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/simclr-cpu \
+        --min-knn 0.37 --min-knn-gain 0.04
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(src, dst)
+
+
+def build_subset(source: str, target: str, per_class: dict[str, int]) -> dict[str, int]:
+    """Take the first images (by file name) of every class of each split; return the counts."""
+    counts = {}
+    for split, limit in per_class.items():
+        split_dir = os.path.join(source, split)
+        if not os.path.isdir(split_dir):
+            sys.exit(f"error: {split_dir} not found; --cifar10-dir must contain train/ and test/ class folders")
+        counts[split] = 0
+        for class_name in sorted(os.listdir(split_dir)):
+            class_dir = os.path.join(split_dir, class_name)
+            if not os.path.isdir(class_dir):
+                continue
+            os.makedirs(os.path.join(target, split, class_name), exist_ok=True)
+            for filename in sorted(os.listdir(class_dir))[:limit]:
+                link_or_copy(os.path.join(class_dir, filename), os.path.join(target, split, class_name, filename))
+                counts[split] += 1
+    return counts
+
+
+def run(command: list[str], log_path: str) -> tuple[float, str]:
+    """Run `command` in the repository root, teeing its output to `log_path`; return (seconds, output)."""
+    print("$ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            log.write(line)
+            lines.append(line)
+        status = process.wait()
+    seconds = time.perf_counter() - start
+    if status != 0:
+        sys.exit(f"error: the command above failed with exit status {status}; its output is in {log_path}")
+    return seconds, "".join(lines)
+
+
+def last_json_line(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cifar10-dir", required=True, help="CIFAR-10 as class folders: DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
+    parser.add_argument("--work-dir", required=True, help="folder for the subset and the run (created; must not hold a run already)")
+    parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (default 1000)")
+    parser.add_argument("--test-per-class", type=int, default=200, help="test images per class (default 200)")
+    parser.add_argument("--max-steps", type=int, default=170, help="optimiser steps of pretraining (default 170)")
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch size of pretraining (default 128)")
+    parser.add_argument("--arch", default="resnet18", help="backbone (default resnet18)")
+    parser.add_argument("--min-knn", type=float, default=None, help="fail when the pretrained kNN top-1 is below this fraction")
+    parser.add_argument("--min-knn-gain", type=float, default=None, help="fail when the pretrained kNN top-1 beats the random backbone by less than this")
+    args = parser.parse_args()
+
+    data_dir = os.path.join(args.work_dir, "data")
+    run_dir = os.path.join(args.work_dir, "run")
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        sys.exit(f"error: {run_dir} already holds a run; choose another --work-dir")
+    counts = build_subset(args.cifar10_dir, data_dir, {"train": args.train_per_class, "test": args.test_per_class})
+    print(f"subset: {counts['train']} training and {counts['test']} test images in {data_dir}", flush=True)
+
+    python = sys.executable
+    train_seconds, _ = run(
+        [python, "simclr.py", "--dataset", "folder", "--data-dir", data_dir, "--arch", args.arch,
+         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps), "--output-dir", run_dir],
+        os.path.join(args.work_dir, "train.log"),
+    )
+    checkpoint = os.path.join(run_dir, "checkpoint.pt")
+    eval_seconds, eval_output = run([python, "eval_linear.py", "--checkpoint", checkpoint],
+                                    os.path.join(args.work_dir, "eval.log"))
+    random_seconds, random_output = run([python, "eval_linear.py", "--checkpoint", checkpoint, "--random-init"],
+                                        os.path.join(args.work_dir, "eval_random_init.log"))
+    pretrained, random_init = last_json_line(eval_output), last_json_line(random_output)
+
+    import torch
+    import torchvision
+
+    result = {
+        "knn_top1": pretrained["knn_top1"],
+        "linear_top1": pretrained["linear_top1"],
+        "random_knn_top1": random_init["knn_top1"],
+        "random_linear_top1": random_init["linear_top1"],
+        "knn_gain": pretrained["knn_top1"] - random_init["knn_top1"],
+        "train_images": counts["train"], "test_images": counts["test"],
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "arch": args.arch,
+        "train_s": round(train_seconds, 1), "eval_s": round(eval_seconds, 1), "random_eval_s": round(random_seconds, 1),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+    }
+    print()
+    print(f"{'backbone':<22}{'kNN top-1':>10}{'linear top-1':>14}")
+    print(f"{'SimCLR, ' + str(args.max_steps) + ' steps':<22}{result['knn_top1']:>10.4f}{result['linear_top1']:>14.4f}")
+    print(f"{'random init':<22}{result['random_knn_top1']:>10.4f}{result['random_linear_top1']:>14.4f}")
+    print(f"pretraining {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} + {random_seconds / 60:.1f} min "
+          f"on {result['cpus']} CPUs; torch {torch.__version__}, torchvision {torchvision.__version__}")
+    print(json.dumps(result), flush=True)
+
+    failures = []
+    if args.min_knn is not None and result["knn_top1"] < args.min_knn:
+        failures.append(f"kNN top-1 {result['knn_top1']:.4f} is below --min-knn {args.min_knn}")
+    if args.min_knn_gain is not None and result["knn_gain"] < args.min_knn_gain:
+        failures.append(f"kNN gain over the random backbone {result['knn_gain']:.4f} is below --min-knn-gain {args.min_knn_gain}")
+    if failures:
+        sys.exit("error: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()
