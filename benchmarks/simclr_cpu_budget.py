@@ -11,6 +11,8 @@ and prints the kNN and linear-probe figures of both, the wall times and the mach
 one line of JSON. With --min-knn and --min-knn-gain it exits with status 1 when the pretrained
 kNN top-1 falls below the bound or beats the random backbone by less than the gain.
 
+--simclr-args adds flags to the simclr.py command, to score other settings on the same subset.
+
 Run (the full check, about 40 minutes on a 2-core CPU):
     python benchmarks/simclr_cpu_budget.py --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/simclr-cpu \
         --min-knn 0.37 --min-knn-gain 0.04
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -87,6 +90,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=170, help="optimiser steps of pretraining (default 170)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size of pretraining (default 128)")
     parser.add_argument("--arch", default="resnet18", help="backbone (default resnet18)")
+    parser.add_argument("--simclr-args", default="", help="further simclr.py flags, one quoted string (for example \"--epochs 3 --warmup-epochs 0.1\")")
     parser.add_argument("--min-knn", type=float, default=None, help="fail when the pretrained kNN top-1 is below this fraction")
     parser.add_argument("--min-knn-gain", type=float, default=None, help="fail when the pretrained kNN top-1 beats the random backbone by less than this")
     args = parser.parse_args()
@@ -101,7 +105,7 @@ def main() -> None:
     python = sys.executable
     train_seconds, _ = run(
         [python, "simclr.py", "--dataset", "folder", "--data-dir", data_dir, "--arch", args.arch,
-         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps), "--output-dir", run_dir],
+         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps), "--output-dir", run_dir, *shlex.split(args.simclr_args)],
         os.path.join(args.work_dir, "train.log"),
     )
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
@@ -121,7 +125,7 @@ def main() -> None:
         "random_linear_top1": random_init["linear_top1"],
         "knn_gain": pretrained["knn_top1"] - random_init["knn_top1"],
         "train_images": counts["train"], "test_images": counts["test"],
-        "max_steps": args.max_steps, "batch_size": args.batch_size, "arch": args.arch,
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "arch": args.arch, "simclr_args": args.simclr_args,
         "train_s": round(train_seconds, 1), "eval_s": round(eval_seconds, 1), "random_eval_s": round(random_seconds, 1),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "processor": platform.processor() or platform.machine(),

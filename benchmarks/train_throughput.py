@@ -3,11 +3,13 @@
 Both run in this one invocation, one after the other, on the same machine:
   * simclr.py itself, as users run it: JPEG images decoded and augmented in data-loader workers,
     LARS, logging, the lot (--knn-every 0 keeps evaluation out of the timing);
-  * a plain loop with no data loading at all: the same torchvision ResNet with the CIFAR stem and
-    the same projection head, the NT-Xent loss written inline, torch.optim.SGD, on random tensors
-    of the same shape (two views of B images), in the same memory layout.
+  * a plain loop with no data loading at all. It runs the same torchvision ResNet with the CIFAR
+    stem, the same projection head and the NT-Xent loss written inline, with torch.optim.SGD, on
+    random tensors of the same shape (two views of B images) in the same memory layout.
 Throughput is images per second (each image gives two views), counted over the steps after the
-first --warmup-steps. The ratio simclr.py / plain loop is printed last, in one line of JSON.
+first --warmup-steps. The two alternate for --rounds rounds (plain loop, then simclr.py), so that
+a slow spell of a shared machine hits both; the reported ratio is the median of the per-round
+ratios, printed last in one line of JSON with every round's figures.
 
 Run:
     python benchmarks/train_throughput.py                       # ResNet-18, 32 px, batch 128
@@ -76,8 +78,8 @@ def simclr_throughput(data_dir: str, args: argparse.Namespace, output_dir: str) 
     return images / seconds
 
 
-def plain_loop_throughput(args: argparse.Namespace, image_size: int) -> tuple[float, list[float]]:
-    """Images per second of a minimal SimCLR step on random tensors, and each timed step's seconds."""
+def build_plain_loop(args: argparse.Namespace):
+    """Build the plain loop's model and optimiser; return them with its device and memory layout."""
     torch.manual_seed(0)
     backbone = torchvision.models.get_model(args.arch, weights=None)
     backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -92,6 +94,12 @@ def plain_loop_throughput(args: argparse.Namespace, image_size: int) -> tuple[fl
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, memory_format=layout).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return model, optimizer, device, layout
+
+
+def plain_loop_throughput(args: argparse.Namespace, image_size: int, plain) -> tuple[float, list[float]]:
+    """Images per second of a minimal SimCLR step on random tensors, and each timed step's seconds."""
+    model, optimizer, device, layout = plain
     n = args.batch_size
     targets = ((torch.arange(2 * n) + n) % (2 * n)).to(device)
     step_seconds = []
@@ -127,31 +135,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps of each run, a multiple of --warmup-steps (default 8)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW layout in both runs instead of channels-last")
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes of simclr.py (default: simclr.py's)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both runs; the ratio is the median over rounds (default 3)")
     parser.add_argument("--min-ratio", type=float, default=None, help="exit with status 1 when simclr.py / plain loop is below this")
     args = parser.parse_args()
     if args.steps % args.warmup_steps != 0:
         parser.error(f"--steps {args.steps} must be a multiple of --warmup-steps {args.warmup_steps}, the log interval")
 
+    image_size = args.image_size or 32
+    plain = build_plain_loop(args)
+    rounds = []
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         data_dir = args.data_dir
         if data_dir is None:
             data_dir = os.path.join(tmp, "data")
             images = args.batch_size * (args.warmup_steps + args.steps + 1)
             write_synthetic_folder(data_dir, classes=10, per_class=images // 10 + 1, side=32)
-        simclr = simclr_throughput(data_dir, args, os.path.join(tmp, "run"))
-    image_size = args.image_size or 32
-    plain, step_seconds = plain_loop_throughput(args, image_size)
+        for r in range(args.rounds):
+            plain_rate, step_seconds = plain_loop_throughput(args, image_size, plain)
+            print(f"round {r + 1}: plain loop {plain_rate:.2f} images/s (step median "
+                  f"{statistics.median(step_seconds):.2f} s)", flush=True)
+            simclr_rate = simclr_throughput(data_dir, args, os.path.join(tmp, f"run{r}"))
+            print(f"round {r + 1}: simclr.py {simclr_rate:.2f} images/s, ratio {simclr_rate / plain_rate:.3f}", flush=True)
+            rounds.append({"plain_img_per_s": round(plain_rate, 3), "simclr_img_per_s": round(simclr_rate, 3),
+                           "ratio": round(simclr_rate / plain_rate, 4)})
 
-    ratio = simclr / plain
+    ratio = statistics.median(r["ratio"] for r in rounds)
+    simclr = statistics.median(r["simclr_img_per_s"] for r in rounds)
+    plain_median = statistics.median(r["plain_img_per_s"] for r in rounds)
     print()
-    print(f"{'run':<34}{'images/s':>10}")
+    print(f"{'run (median over rounds)':<34}{'images/s':>10}")
     print(f"{'simclr.py (data loading included)':<34}{simclr:>10.2f}")
-    print(f"{'plain loop (random tensors)':<34}{plain:>10.2f}")
-    print(f"ratio {ratio:.3f}; plain-loop step median {statistics.median(step_seconds):.2f} s; "
+    print(f"{'plain loop (random tensors)':<34}{plain_median:>10.2f}")
+    print(f"ratio {ratio:.3f} (median of {len(rounds)} rounds); "
           f"{args.arch}, {image_size} px, batch {args.batch_size}, "
           f"{'channels-last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads")
     result = {
-        "simclr_img_per_s": round(simclr, 3), "plain_img_per_s": round(plain, 3), "ratio": round(ratio, 4),
+        "simclr_img_per_s": simclr, "plain_img_per_s": plain_median, "ratio": ratio, "rounds": rounds,
         "arch": args.arch, "image_size": image_size, "batch_size": args.batch_size, "steps": args.steps,
         "channels_last": args.channels_last, "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu", "processor": platform.processor() or platform.machine(),
