@@ -128,11 +128,21 @@ def cleanup_distributed() -> None:
 
 
 def check_positive(**flags: float) -> None:
-    """Raise ConfigError naming every flag (given by its field name) whose value is not a positive number."""
+    """Raise ConfigError naming every flag (given by its field name) whose value is not a positive finite number."""
     invalid = [f"--{name.replace('_', '-')} {value}" for name, value in flags.items()
                if not (value > 0 and math.isfinite(value))]
     if invalid:
-        raise ConfigError(f"{', '.join(invalid)}: must be positive")
+        raise ConfigError(f"{', '.join(invalid)} must be a positive finite number")
+
+
+def momentum_problem(momentum: float, allow_zero: bool = True) -> Optional[str]:
+    """Describe why an optimiser momentum is unusable, or return None. At 1 or above the velocity
+    never decays, so the updates grow without bound."""
+    low_ok = momentum >= 0 if allow_zero else momentum > 0
+    if low_ok and momentum < 1:
+        return None
+    lower = "0 (inclusive)" if allow_zero else "0 (exclusive, because Nesterov momentum needs it)"
+    return f"--momentum {momentum} must be between {lower} and 1 (exclusive); the usual value is 0.9"
 
 
 def validate_training_args(args: Any) -> None:
@@ -142,11 +152,13 @@ def validate_training_args(args: Any) -> None:
     for name in ("epochs", "lr", "log_every", "checkpoint_every"):
         value = getattr(args, name)
         if not (value > 0 and math.isfinite(value)):
-            problems.append(f"--{name.replace('_', '-')} {value} must be positive")
-    for name in ("momentum", "weight_decay", "warmup_epochs", "knn_every"):
+            problems.append(f"--{name.replace('_', '-')} {value} must be a positive finite number")
+    for name in ("weight_decay", "warmup_epochs", "knn_every"):
         value = getattr(args, name)
         if not (value >= 0 and math.isfinite(value)):
-            problems.append(f"--{name.replace('_', '-')} {value} must not be negative")
+            problems.append(f"--{name.replace('_', '-')} {value} must be a finite number of 0 or more")
+    if (problem := momentum_problem(args.momentum)) is not None:
+        problems.append(problem)
     if args.batch_size < 2:
         problems.append(f"--batch-size {args.batch_size} must be at least 2, because the other images of "
                         f"the batch are the negatives")
@@ -921,8 +933,19 @@ def load_checkpoint(path: str, method: Optional[str] = None) -> dict[str, Any]:
     # The weights-only unpickler reports a malformed file with many exception types (KeyError and
     # IndexError among them), so every failure to read becomes the same clear error.
     except Exception as error:
-        reason = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
-        reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        message = str(error).strip()
+        if message.startswith("Weights only load failed"):
+            # Keep torch's diagnosis but not its advice to retry with weights_only=False, which would
+            # let the file run code. The diagnosis is the first line after that advice that is not
+            # a request to file an issue or a pointer to the documentation.
+            lines = [line.strip() for line in message.splitlines()[1:] if line.strip()]
+            lines = [line.split("WeightsUnpickler error:", 1)[-1].strip() for line in lines
+                     if not line.startswith(("Please file an issue", "Check the documentation"))]
+            detail = next((line for line in lines if line), "no detail given")
+            reason = f"the weights-only unpickler rejected it: {detail.rstrip('.')}"
+        else:
+            reason = message.splitlines()[0].rstrip(".") if message else ""
+            reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
         raise ConfigError(
             f"cannot read checkpoint {path} ({reason}). The file is corrupt or truncated, or is not "
             f"a PyTorch checkpoint of tensors and plain values (files that need arbitrary "
@@ -933,6 +956,9 @@ def load_checkpoint(path: str, method: Optional[str] = None) -> dict[str, Any]:
         if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
             hint = (" It looks like a plain state dict (for example torchvision weights or a "
                     "backbone.pt); pass the checkpoint.pt of a run instead")
+        else:
+            hint = (" Pass the checkpoint.pt that simclr.py (or another method script of this "
+                    "collection) wrote into its run folder")
         raise ConfigError(f"{path} is not a checkpoint written by this collection.{hint}")
     if state.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(

@@ -56,13 +56,13 @@ class Args:
     epochs: int = 100
     """epochs of linear-probe training (this collection's choice; MoCo's protocol also trains 100)"""
     batch_size: int = 256
-    """global batch size in images of the probe's training and of feature extraction, split over the processes"""
+    """global batch size in images, at least 2, of the probe's training and of feature extraction, split over the processes. MoCo's linear classification uses 256 and the SimCLR paper 4096 on ImageNet"""
     lr: float = 0.1
     """probe learning rate per 256 images, scaled linearly with --batch-size, with cosine decay (this collection's choice for standardised features)"""
     weight_decay: float = 0.0
     """probe weight decay (SimCLR and MoCo use none)"""
     momentum: float = 0.9
-    """probe SGD Nesterov momentum"""
+    """momentum of the probe's SGD with Nesterov, above 0 and below 1 (SimCLR paper: 0.9 with Nesterov)"""
     augment: bool = False
     """train the probe on random resized crops and flips, encoding every batch anew, instead of on cached features of the plain images"""
     knn_k: int = 200
@@ -157,8 +157,10 @@ def main(args: Args) -> None:
     if args.batch_size < 2:
         raise common.ConfigError(f"--batch-size {args.batch_size} must be at least 2, because the probe "
                                  f"standardises features with batch statistics")
-    if args.weight_decay < 0 or args.momentum < 0:
-        raise common.ConfigError(f"--weight-decay {args.weight_decay} and --momentum {args.momentum} must not be negative")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise common.ConfigError(f"--weight-decay {args.weight_decay} must be a finite number of 0 or more")
+    if (problem := common.momentum_problem(args.momentum, allow_zero=False)) is not None:
+        raise common.ConfigError(problem)
     if args.workers is not None and args.workers < 0:
         raise common.ConfigError(f"--workers {args.workers} must not be negative (0 loads in the main process)")
     common.per_process_batch(args.batch_size, env.world_size)
@@ -214,6 +216,9 @@ def main(args: Args) -> None:
     train_features, train_labels = common.extract_features(backbone, train_set, batch_per_process, workers, env, precision)  # (M, F)
     test_features, test_labels = common.extract_features(backbone, test_set, batch_per_process, workers, env, precision)  # (Q, F)
     knn_k = min(args.knn_k, len(train_set))  # the vote cannot use more neighbours than there are
+    if knn_k < args.knn_k and env.is_main:
+        print(f"note: --knn-k {args.knn_k} is more than the {len(train_set)} training images, so the kNN "
+              f"vote uses all {knn_k} of them (recorded as knn.k in the JSON)")
     knn = common.knn_top1(train_features, train_labels, test_features, test_labels, classes,
                           knn_k, args.knn_temperature)
 

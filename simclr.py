@@ -64,7 +64,7 @@ class Args:
     seed: int = 0
     """random seed; process r uses seed + r"""
     workers: Optional[int] = None
-    """data-loading processes per training process (0 loads in the training process). Unset: this node's CPUs divided by its processes, at most 8"""
+    """data-loading processes per training process (0 loads in the training process). Unset: this node's CPUs divided by its processes, at most 8. Each worker draws its own augmentation seed, so the random crops and jitter of a seed depend on this number"""
     log_every: int = 10
     """print and record loss, learning rate and throughput every this many optimiser steps"""
     knn_every: int = 10
@@ -197,14 +197,21 @@ def main(args: Args) -> None:
     strength = args.color_jitter_strength
     if strength is None:
         strength = 0.5 if info.small_images else 1.0
-    elif strength < 0:
-        raise common.ConfigError(f"--color-jitter-strength {strength} must not be negative")
+    elif not 0 <= strength <= 2.5:
+        # Hue jitter is 0.2*s, and torchvision's ColorJitter accepts hue factors up to 0.5.
+        raise common.ConfigError(f"--color-jitter-strength {strength} must be between 0 and 2.5 "
+                                 f"(paper: 1.0 on ImageNet; authors' CIFAR-10 command: 0.5)")
     blur = not info.small_images
     workers = args.workers if args.workers is not None else common.default_workers(env)
     precision = common.resolve_precision(args.precision, env.device)
     resolved = dataclasses.replace(args, data_dir=info.root, image_size=info.image_size,
                                    color_jitter_strength=strength, workers=workers, precision=precision)
     state = common.load_checkpoint(args.resume, METHOD) if args.resume is not None else None
+    if state is not None and args.max_steps is not None and args.max_steps < state["step"]:
+        raise common.ConfigError(
+            f"--max-steps {args.max_steps} is below step {state['step']} of {args.resume}, so the run "
+            f"would have to go back; pass --max-steps {state['step']} or more"
+        )
 
     common.init_distributed(env)
     common.seed_everything(args.seed + env.rank)
@@ -215,13 +222,14 @@ def main(args: Args) -> None:
     dataset = common.pretrain_dataset(info, common.TwoViews(augmentation))
     loader, sampler = common.pretrain_loader(dataset, batch_per_process, workers, env, args.seed)
     steps_per_epoch = len(dataset) // args.batch_size
+    if state is not None:
+        # Before the batch check, so a resume with other flags names the flags that differ.
+        common.check_resume(state, resolved, steps_per_epoch, args.resume)
     if steps_per_epoch == 0:
         raise common.ConfigError(
             f"the dataset has {len(dataset)} images, fewer than one global batch of "
             f"--batch-size {args.batch_size}; use a smaller batch"
         )
-    if state is not None:
-        common.check_resume(state, resolved, steps_per_epoch, args.resume)
     knn_sets = None
     if args.knn_every > 0 and info.has_eval_split:
         plain_transform = common.eval_transform(info.image_size, info.mean, info.std)
@@ -277,14 +285,15 @@ def main(args: Args) -> None:
     if env.is_main:
         derived = dict(world_size=env.world_size, batch_per_process=batch_per_process, peak_lr=peak_lr,
                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
-                       stop_step=stop_step, blur=blur, cifar_stem=info.small_images, device=str(env.device))
+                       stop_step=stop_step, blur=blur, cifar_stem=info.small_images, device=str(env.device),
+                       normalization_mean=info.mean, normalization_std=info.std)
         with open(os.path.join(output_dir, "args.json"), "w") as f:
             json.dump({**common.to_jsonable(resolved), **derived}, f, indent=2)
         print(f"simclr: {args.arch} on {info.name} ({len(dataset)} images of {info.image_size} px, "
               f"colour strength {strength}, blur {blur}) -> {output_dir}")
         print(f"processes {env.world_size} on {env.device} | batch {args.batch_size} global, "
               f"{batch_per_process} per process | lr {args.lr} base, {peak_lr:.4g} peak ({args.lr_scaling} "
-              f"scaling) | {precision} | {workers} loader workers per process")
+              f"scaling) | {precision} | loader workers per process: {workers}")
         print(f"steps: {steps_per_epoch} per epoch, {warmup_steps} warm-up, {total_steps} in the "
               f"schedule, stopping at {stop_step}; starting at step {step}")
 

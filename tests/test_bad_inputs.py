@@ -146,7 +146,9 @@ def test_code_running_pickle_rejected(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"format": "contrastive-ssl-checkpoint", "payload": CodeRunningPickle(marker)}, path)
     result = run_script("eval_linear.py", "--checkpoint", str(path), "--workers", "0")
-    assert_config_error(result, f"cannot read checkpoint {path}", "files that need arbitrary unpickling are rejected")
+    assert_config_error(result, f"cannot read checkpoint {path}", "files that need arbitrary unpickling are rejected",
+                        "the weights-only unpickler rejected it")
+    assert "weights_only` set to `False`" not in result.stderr, "the error repeats torch's unsafe advice"
     assert not marker.exists(), "loading the checkpoint ran the code in the pickle"
 
 
@@ -156,6 +158,14 @@ def test_plain_state_dict_rejected(tmp_path):
     result = run_script("eval_linear.py", "--checkpoint", str(path), "--workers", "0")
     assert_config_error(result, f"{path} is not a checkpoint written by this collection",
                         "It looks like a plain state dict", "pass the checkpoint.pt of a run instead")
+
+
+def test_foreign_dict_rejected(tmp_path):
+    path = tmp_path / "dict.pt"
+    torch.save({"epoch": 3, "note": "not ours"}, path)
+    result = run_script("eval_linear.py", "--checkpoint", str(path), "--workers", "0")
+    assert_config_error(result, f"{path} is not a checkpoint written by this collection",
+                        "Pass the checkpoint.pt that simclr.py")
 
 
 def test_output_dir_with_checkpoint(run_copy, image_folder):

@@ -127,7 +127,7 @@ def test_main_rejects_zero_epochs(eval_dir):
         eval_linear.main(eval_linear.Args(checkpoint=str(eval_dir / "checkpoint.pt"), epochs=0, knn_temperature=-1.0))
     assert "--epochs 0" in str(error.value)
     assert "--knn-temperature -1.0" in str(error.value)
-    assert "must be positive" in str(error.value)
+    assert "must be a positive finite number" in str(error.value)
 
 
 def test_main_batch_not_divisible(eval_dir, monkeypatch):

@@ -26,17 +26,21 @@ def valid_args(**changes) -> simclr.Args:
 
 @pytest.mark.parametrize("changes, fragment", [
     ({"batch_size": 1}, "--batch-size 1 must be at least 2"),
-    ({"epochs": 0}, "--epochs 0 must be positive"),
-    ({"lr": float("nan")}, "--lr nan must be positive"),
-    ({"momentum": -0.5}, "--momentum -0.5 must not be negative"),
-    ({"weight_decay": -1.0}, "--weight-decay -1.0 must not be negative"),
-    ({"warmup_epochs": -1.0}, "--warmup-epochs -1.0 must not be negative"),
-    ({"knn_every": -1}, "--knn-every -1 must not be negative"),
+    ({"epochs": 0}, "--epochs 0 must be a positive finite number"),
+    ({"lr": float("nan")}, "--lr nan must be a positive finite number"),
+    ({"lr": float("inf")}, "--lr inf must be a positive finite number"),
+    ({"momentum": -0.5}, r"--momentum -0.5 must be between 0 \(inclusive\) and 1 \(exclusive\)"),
+    ({"momentum": 1.0}, r"--momentum 1.0 must be between 0 \(inclusive\) and 1 \(exclusive\)"),
+    ({"momentum": float("nan")}, r"--momentum nan must be between 0"),
+    ({"weight_decay": -1.0}, "--weight-decay -1.0 must be a finite number of 0 or more"),
+    ({"weight_decay": float("nan")}, "--weight-decay nan must be a finite number of 0 or more"),
+    ({"warmup_epochs": -1.0}, "--warmup-epochs -1.0 must be a finite number of 0 or more"),
+    ({"knn_every": -1}, "--knn-every -1 must be a finite number of 0 or more"),
     ({"max_steps": 0}, "--max-steps 0 must be positive"),
     ({"workers": -1}, "--workers -1 must not be negative"),
     ({"epochs": 2, "warmup_epochs": 10.0}, "--warmup-epochs 10.0 is longer than --epochs 2"),
-], ids=["batch 1", "epochs 0", "lr nan", "momentum", "weight decay", "warm-up", "knn", "max steps",
-        "workers", "warm-up too long"])
+], ids=["batch 1", "epochs 0", "lr nan", "lr inf", "momentum negative", "momentum 1", "momentum nan",
+        "weight decay", "weight decay nan", "warm-up", "knn", "max steps", "workers", "warm-up too long"])
 def test_training_flag_rejected(changes, fragment):
     with pytest.raises(common.ConfigError, match=fragment):
         common.validate_training_args(valid_args(**changes))
@@ -53,7 +57,7 @@ def test_only_invalid_flags_named():
 
 
 def test_infinite_temperature_rejected():
-    with pytest.raises(common.ConfigError, match="--temperature inf: must be positive"):
+    with pytest.raises(common.ConfigError, match="--temperature inf must be a positive finite number"):
         common.check_positive(temperature=float("inf"))
 
 
@@ -205,3 +209,51 @@ def test_eval_moved_data_hint(eval_checkpoint, tmp_path):
 def test_eval_batch_of_one_rejected(eval_checkpoint):
     with pytest.raises(common.ConfigError, match="--batch-size 1 must be at least 2"):
         eval_linear.main(eval_linear.Args(checkpoint=str(eval_checkpoint), batch_size=1))
+
+
+@pytest.mark.parametrize("strength", [3.0, float("nan"), -0.5])
+def test_color_strength_out_of_range(image_folder, strength):
+    args = valid_args(dataset="folder", data_dir=str(image_folder), color_jitter_strength=strength)
+    with pytest.raises(common.ConfigError, match=f"--color-jitter-strength {strength} must be between 0 and 2.5"):
+        simclr.main(args)
+
+
+def test_resume_before_checkpoint_step(pretrained_run, image_folder, tmp_path):
+    new_dir = tmp_path / "new"
+    result = run_script("simclr.py", *SMOKE_ARGS, "--data-dir", str(image_folder), "--max-steps", "1",
+                        "--resume", str(pretrained_run.checkpoint), "--output-dir", str(new_dir))
+    assert result.returncode == 2, describe_failure(result)
+    assert "--max-steps 1 is below step 2 of" in result.stderr
+    assert "pass --max-steps 2 or more" in result.stderr
+    assert not new_dir.exists()
+
+
+def test_resume_without_original_flags(pretrained_run, image_folder):
+    # The checkpoint was trained at --batch-size 8; the default of 512 exceeds the 26 images, but
+    # the changed flag is the error to report.
+    result = run_script("simclr.py", "--dataset", "folder", "--data-dir", str(image_folder), "--workers", "0",
+                        "--max-steps", "4", "--resume", str(pretrained_run.checkpoint))
+    assert result.returncode == 2, describe_failure(result)
+    assert "cannot resume" in result.stderr
+    assert "--batch-size 8 -> 512" in result.stderr
+    assert "fewer than one global batch" not in result.stderr
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"momentum": 0.0}, r"--momentum 0.0 must be between 0 \(exclusive, because Nesterov momentum needs it\)"),
+    ({"momentum": 1.5}, r"--momentum 1.5 must be between 0"),
+    ({"weight_decay": float("nan")}, "--weight-decay nan must be a finite number of 0 or more"),
+    ({"weight_decay": -1.0}, "--weight-decay -1.0 must be a finite number of 0 or more"),
+], ids=["momentum 0", "momentum 1.5", "weight decay nan", "weight decay negative"])
+def test_eval_probe_flag_rejected(eval_checkpoint, changes, fragment):
+    with pytest.raises(common.ConfigError, match=fragment) as error:
+        eval_linear.main(eval_linear.Args(checkpoint=str(eval_checkpoint), **changes))
+    assert "--momentum" not in str(error.value) or "momentum" in changes
+
+
+def test_eval_large_knn_k_noted(eval_checkpoint, capsys):
+    eval_linear.main(eval_linear.Args(checkpoint=str(eval_checkpoint), epochs=1, workers=0, knn_k=1000))
+    printed = capsys.readouterr().out
+    assert "note: --knn-k 1000 is more than the 26 training images, so the kNN vote uses all 26" in printed
+    result = json.loads((eval_checkpoint.parent / "eval.json").read_text())
+    assert result["knn"]["k"] == 26

@@ -83,6 +83,8 @@ def test_args_json_values(pretrained_run):
         "peak_lr": 1.0 * 8 / 256, "steps_per_epoch": 3, "total_steps": 12, "warmup_steps": 3, "stop_step": 2,
         "blur": False, "cifar_stem": True, "color_jitter_strength": 0.5, "workers": 0, "precision": "fp32",
         "output_dir": str(pretrained_run.dir),
+        "normalization_mean": list(common.NORMALIZATION["folder"][0]),
+        "normalization_std": list(common.NORMALIZATION["folder"][1]),
     }
     assert {key: args.get(key) for key in expected} == expected
 
