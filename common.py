@@ -462,10 +462,15 @@ def prepare_download(info: DataInfo, env: DistEnv) -> None:
         except RuntimeError:  # torchvision's "Dataset not found or corrupted"
             print(f"{info.name} not found in {info.root}, or its files failed torchvision's checksum; "
                   f"downloading it with torchvision", flush=True)
+            root_existed = os.path.isdir(info.root)
             try:
                 _torchvision_dataset(info.name, info.root, "test", None, download=True)
             except (urllib.error.URLError, OSError, RuntimeError, zipfile.BadZipFile) as download_error:
                 error = f"{type(download_error).__name__}: {download_error}"
+                # torchvision creates the root before downloading; a mistyped --data-dir should not
+                # leave an empty folder behind.
+                if not root_existed and os.path.isdir(info.root) and not os.listdir(info.root):
+                    os.rmdir(info.root)
     if env.distributed:
         errors = gather_objects(error)
         error = next((e for e in errors if e is not None), None)

@@ -255,6 +255,8 @@ def fake_cifar10(download_error: Exception | None, calls: list[bool]):
     class FakeCIFAR10:
         def __init__(self, root, train=True, transform=None, download=False):
             calls.append(download)
+            if download:
+                os.makedirs(root, exist_ok=True)  # as torchvision does before it downloads
             if download and download_error is not None:
                 raise download_error
             if not download:
@@ -275,6 +277,25 @@ def test_cifar10_download_failure(tmp_path, monkeypatch):
     assert "Temporary failure in name resolution" in message
     assert "point --data-dir at the folder that contains it" in message
     assert calls == [False, True], "one failed check, then one download attempt"
+
+
+def test_failed_download_leaves_no_folder(tmp_path, monkeypatch):
+    error = urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10(error, []))
+    info = common.describe_dataset("cifar10", str(tmp_path / "mistyped"), None)
+    with pytest.raises(common.ConfigError, match="downloading it failed"):
+        common.prepare_download(info, common.DistEnv(0, 0, 1, 1, CPU))
+    assert not (tmp_path / "mistyped").exists()
+
+
+def test_failed_download_keeps_existing_folder(tmp_path, monkeypatch):
+    error = urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10(error, []))
+    (tmp_path / "data").mkdir()
+    info = common.describe_dataset("cifar10", str(tmp_path / "data"), None)
+    with pytest.raises(common.ConfigError, match="downloading it failed"):
+        common.prepare_download(info, common.DistEnv(0, 0, 1, 1, CPU))
+    assert (tmp_path / "data").is_dir()
 
 
 def test_cifar10_download_succeeds(tmp_path, monkeypatch, capsys):
