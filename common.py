@@ -63,8 +63,9 @@ def run_cli(main: Callable[[Any], None], args_type: type) -> None:
         main(args)
     except (ConfigError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
-        # Every rank checks the same inputs and sees the same averaged loss, so all of them raise
-        # together and reach this barrier. Gloo can abort at exit when a group is destroyed without one.
+        # Every rank checks the same inputs and computes the same averaged loss, so all of them
+        # raise together and reach this barrier. Gloo can abort at exit when a group is destroyed
+        # without one.
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -138,8 +139,8 @@ def check_positive(**flags: float) -> None:
 def momentum_problem(momentum: float, allow_zero: bool = True) -> Optional[str]:
     """Describe why an optimiser momentum is unusable, or return None. At 1 or above the velocity
     never decays, so the updates grow without bound."""
-    low_ok = momentum >= 0 if allow_zero else momentum > 0
-    if low_ok and momentum < 1:
+    above_lower_bound = momentum >= 0 if allow_zero else momentum > 0
+    if above_lower_bound and momentum < 1:
         return None
     lower = "0 (inclusive)" if allow_zero else "0 (exclusive, because Nesterov momentum needs it)"
     return f"--momentum {momentum} must be between {lower} and 1 (exclusive); the usual value is 0.9"
@@ -492,7 +493,7 @@ def load_rgb_image(path: str):
 
 
 def image_folder(path: str, transform) -> torchvision.datasets.ImageFolder:
-    # NOTE: a corrupt image stops the run when the loader reaches it, with the file named; it is
+    # NOTE: a corrupt image stops the run, with the file named, when the loader reaches it. It is
     # neither skipped nor found by a check before training.
     return torchvision.datasets.ImageFolder(path, transform=transform, loader=load_rgb_image)
 
@@ -605,7 +606,7 @@ def blur_kernel_size(image_size: int) -> int:
 def simclr_augmentation(
     image_size: int, mean: Sequence[float], std: Sequence[float], strength: float, blur: bool
 ) -> T.Compose:
-    """One view of SimCLR's augmentation (Chen et al. 2020, appendix A), as torchvision transforms.
+    """Build one view of SimCLR's augmentation (Chen et al. 2020, appendix A) from torchvision transforms.
 
     The steps are: random resized crop (area 0.08 to 1, aspect ratio 3/4 to 4/3), horizontal flip,
     colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with probability 0.8, and greyscale with probability 0.2.
@@ -830,8 +831,8 @@ def prepare_output_dir(output_dir: str, resume: Optional[str], overwrite: bool, 
 
 
 def _tidy_run_files(output_dir: str, resume_step: Optional[int]) -> None:
-    """Start a new run's log and drop an earlier run's scores; on resume, drop the log lines of
-    steps after the checkpoint, which the resumed run logs again."""
+    """Start a new run's log and drop an earlier run's scores. On resume, drop the log lines of
+    steps after the checkpoint, because the resumed run logs those steps again."""
     metrics = os.path.join(output_dir, "metrics.jsonl")
     if resume_step is None:
         for name in ("metrics.jsonl", "eval.json", "eval_random_init.json"):
@@ -992,7 +993,13 @@ def check_resume(state: dict[str, Any], resolved_args: Any, steps_per_epoch: int
     Arguments are compared after their defaults are resolved (image size, colour strength and so
     on), so spelling out a default is no change. The steps per epoch must match too, because the
     step counter maps to an epoch and a position in it only for the same number of images.
+    A --max-steps below the checkpoint's step is an error too, because the run cannot go back.
     """
+    if resolved_args.max_steps is not None and resolved_args.max_steps < state["step"]:
+        raise ConfigError(
+            f"--max-steps {resolved_args.max_steps} is below step {state['step']} of {path}, so the run "
+            f"would have to go back; pass --max-steps {state['step']} or more"
+        )
     saved, current = state["args"], to_jsonable(resolved_args)
 
     def shown(value: Any) -> str:

@@ -78,7 +78,7 @@ class Args:
 
 
 def linear_probe(feature_dim: int, classes: int) -> nn.Sequential:
-    """A linear classifier on features standardised by BatchNorm without affine parameters.
+    """Build a linear classifier on features standardised by BatchNorm without affine parameters.
 
     The standardisation is a fixed affine map at test time, so the probe is still linear in the
     features. It lets one learning rate fit backbones whose feature scales differ widely, the same

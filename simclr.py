@@ -3,9 +3,9 @@
 Paper: Chen, Kornblith, Norouzi and Hinton, "A Simple Framework for Contrastive Learning of
 Visual Representations", ICML 2020 (arXiv:2002.05709). Authors' code: google-research/simclr.
 
-This file implements SimCLR v1 pretraining: each image gets two views from one random
-augmentation, a ResNet f maps each view to a representation h, a 2-layer MLP g maps h to z, and
-the NT-Xent loss (equation 1 of the paper) trains each view to pick its partner among the other
+This file implements SimCLR v1 pretraining. Each image gets two views from one random
+augmentation. A ResNet f maps each view to a representation h, and a 2-layer MLP g maps h to z.
+The NT-Xent loss (equation 1 of the paper) trains each view to pick its partner among the other
 2B-1 views of the global batch. Negatives are gathered from every process with gradient, so W
 processes of N images compute the loss and gradients of one process of W*N images (BatchNorm
 statistics match as well with --sync-bn, which needs CUDA). The defaults reproduce the
@@ -207,11 +207,6 @@ def main(args: Args) -> None:
     resolved = dataclasses.replace(args, data_dir=info.root, image_size=info.image_size,
                                    color_jitter_strength=strength, workers=workers, precision=precision)
     state = common.load_checkpoint(args.resume, METHOD) if args.resume is not None else None
-    if state is not None and args.max_steps is not None and args.max_steps < state["step"]:
-        raise common.ConfigError(
-            f"--max-steps {args.max_steps} is below step {state['step']} of {args.resume}, so the run "
-            f"would have to go back; pass --max-steps {state['step']} or more"
-        )
 
     common.init_distributed(env)
     common.seed_everything(args.seed + env.rank)

@@ -8,7 +8,7 @@ Both run in this one invocation, one after the other, on the same machine:
     random tensors of the same shape (two views of B images) in the same memory layout.
 Throughput is images per second (each image gives two views), counted over the steps after the
 first --warmup-steps. The two alternate for --rounds rounds (plain loop, then simclr.py), so that
-a slow spell of a shared machine hits both; the reported ratio is the median of the per-round
+a slow spell of a shared machine hits both. The reported ratio is the median of the per-round
 ratios, printed last in one line of JSON with every round's figures.
 
 Run:

@@ -1,5 +1,5 @@
 """Input checks that run before any work: shared training flags, image folders, resumption, and
-eval_linear.py's dataset overrides; and the error a non-finite loss stops a run with."""
+eval_linear.py's overrides and probe flags. Also the error that stops a run at a non-finite loss."""
 
 from __future__ import annotations
 
@@ -125,6 +125,12 @@ def test_resume_unset_value_shown(saved_state):
     state["args"]["seed"] = None
     with pytest.raises(common.ConfigError, match="--seed unset -> 0"):
         common.check_resume(state, resolved_args_of(saved_state), saved_state["steps_per_epoch"], "ckpt")
+
+
+def test_resume_max_steps_below_step(saved_state):
+    args = dataclasses.replace(resolved_args_of(saved_state), max_steps=saved_state["step"] - 1)
+    with pytest.raises(common.ConfigError, match=f"pass --max-steps {saved_state['step']} or more"):
+        common.check_resume(saved_state, args, saved_state["steps_per_epoch"], "ckpt")
 
 
 def test_resume_changed_data_size(saved_state):
