@@ -146,20 +146,26 @@ def momentum_problem(momentum: float, allow_zero: bool = True) -> Optional[str]:
     return f"--momentum {momentum} must be between {lower} and 1 (exclusive); the usual value is 0.9"
 
 
-def validate_training_args(args: Any) -> None:
+def validate_training_args(args: Any, optimizer_momentum: str = "momentum") -> None:
     """Raise ConfigError for values of the training flags that every method file shares and that
-    cannot work, naming each flag and its value."""
+    cannot work, naming each flag and its value.
+
+    `optimizer_momentum` is the field of the optimiser's momentum (MoCo's `--momentum` is the key
+    encoder's). `warmup_epochs` is checked only where the method has it.
+    """
     problems = []
     for name in ("epochs", "lr", "log_every", "checkpoint_every"):
         value = getattr(args, name)
         if not (value > 0 and math.isfinite(value)):
             problems.append(f"--{name.replace('_', '-')} {value} must be a positive finite number")
     for name in ("weight_decay", "warmup_epochs", "knn_every"):
+        if not hasattr(args, name):
+            continue
         value = getattr(args, name)
         if not (value >= 0 and math.isfinite(value)):
             problems.append(f"--{name.replace('_', '-')} {value} must be a finite number of 0 or more")
-    if (problem := momentum_problem(args.momentum)) is not None:
-        problems.append(problem)
+    if (problem := momentum_problem(getattr(args, optimizer_momentum))) is not None:
+        problems.append(problem.replace("--momentum", f"--{optimizer_momentum.replace('_', '-')}", 1))
     if args.batch_size < 2:
         problems.append(f"--batch-size {args.batch_size} must be at least 2, because the other images of "
                         f"the batch are the negatives")
@@ -167,7 +173,7 @@ def validate_training_args(args: Any) -> None:
         problems.append(f"--max-steps {args.max_steps} must be positive")
     if args.workers is not None and args.workers < 0:
         problems.append(f"--workers {args.workers} must not be negative (0 loads data in the training process)")
-    if args.warmup_epochs > args.epochs:
+    if hasattr(args, "warmup_epochs") and args.warmup_epochs > args.epochs:
         problems.append(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}, so the "
                         f"learning rate would never reach its peak; lower --warmup-epochs")
     if problems:
@@ -192,8 +198,9 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.rows = x.shape[0]
+        x = x.contiguous()  # the outputs below copy this layout
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts)
 
     @staticmethod
@@ -228,8 +235,10 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x.detach()
+    # Contiguous first, so that the outputs (and their concatenation) are contiguous too.
+    x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
@@ -566,7 +575,13 @@ def default_workers(env: DistEnv) -> int:
 
 
 def pretrain_loader(dataset: Dataset, batch_per_process: int, workers: int, env: DistEnv, seed: int):
-    """Build a shuffling loader of per-process batches that drops the last partial batch."""
+    """Build a shuffling loader of per-process batches that drops the last partial batch.
+
+    The loader draws its workers' seeds from its own generator (seeded with seed + rank), not from
+    torch's global one, which in-process augmentation and the training step use. So starting an
+    iterator, which a resumed run does at another step than an uninterrupted one, leaves the
+    global random state alone.
+    """
     sampler = ResumableDistributedSampler(dataset, env, seed)
     loader = DataLoader(
         dataset,
@@ -576,6 +591,7 @@ def pretrain_loader(dataset: Dataset, batch_per_process: int, workers: int, env:
         pin_memory=env.device.type == "cuda",
         drop_last=True,
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed + env.rank),
     )
     return loader, sampler
 
@@ -632,6 +648,30 @@ def simclr_augmentation(
     return T.Compose(steps)
 
 
+def moco_augmentation(image_size: int, mean: Sequence[float], std: Sequence[float], aug_plus: bool,
+                      blur: bool) -> T.Compose:
+    """Build one view of MoCo's augmentation from torchvision transforms, as in the authors' main_moco.py.
+
+    v1 (He et al. 2020): random resized crop (area 0.2 to 1), greyscale with probability 0.2,
+    colour jitter (0.4, 0.4, 0.4, 0.4) always, horizontal flip. v2 (`aug_plus`, Chen et al. 2020):
+    random resized crop (area 0.2 to 1), colour jitter (0.4, 0.4, 0.4, 0.1) with probability 0.8,
+    greyscale with probability 0.2, Gaussian blur (sigma 0.1 to 2.0) with probability 0.5 when
+    `blur` is set, horizontal flip.
+    """
+    crop = T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True)
+    if not aug_plus:
+        steps: list[nn.Module] = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+                                  T.RandomHorizontalFlip()]
+    else:
+        steps = [crop, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+        if blur:
+            # DEVIATION: the authors blur with PIL's GaussianBlur (radius sigma, no kernel limit);
+            # torchvision needs a kernel size, taken as 10% of the side as in SimCLR.
+            steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5))
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Evaluation transform: resize to side/0.875 and centre-crop for large images; small images
     are only resized when their side differs from `image_size`."""
@@ -647,7 +687,8 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float])
 # ----------------------------------------------------------------------------------------------
 
 
-def build_backbone(arch: str, cifar_stem: bool, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(arch: str, cifar_stem: bool, zero_init_residual: bool = False,
+                   norm_layer: Optional[Callable[[int], nn.Module]] = None) -> tuple[nn.Module, int]:
     """Build a randomly initialised torchvision ResNet without its classifier; return it and its
     feature width.
 
@@ -656,11 +697,13 @@ def build_backbone(arch: str, cifar_stem: bool, zero_init_residual: bool = False
     to 8 pixels before the first residual stage. `zero_init_residual` starts the last BatchNorm
     scale of every residual block at 0, so each block starts as the identity. The module keeps
     torchvision's parameter names, so its state dict loads into `torchvision.models.<arch>()`
-    given the same stem and `fc`.
+    given the same stem and `fc`. `norm_layer` replaces BatchNorm2d (torchvision's argument); a
+    subclass of BatchNorm2d keeps the state dict loadable into the plain model.
     """
     if arch not in ResNetArch.__args__:
         raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ResNetArch.__args__)}")
-    model = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+    extra = {"norm_layer": norm_layer} if norm_layer is not None else {}
+    model = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual, **extra)
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -979,6 +1022,57 @@ def load_checkpoint(path: str, method: Optional[str] = None) -> dict[str, Any]:
     return state
 
 
+def knn_datasets(info: DataInfo, knn_every: int, env: DistEnv) -> Optional[tuple[Dataset, Dataset]]:
+    """Return the (train, test) splits of the kNN monitor with the evaluation transform, or None when
+    the monitor is off or the dataset has no evaluation split (which rank 0 reports)."""
+    if knn_every > 0 and info.has_eval_split:
+        plain_transform = eval_transform(info.image_size, info.mean, info.std)
+        return eval_datasets(info, plain_transform, plain_transform)
+    if knn_every > 0 and env.is_main:
+        print(f"note: {info.root} has no val/ or test/ folder, so the kNN monitor is off")
+    return None
+
+
+def write_args_json(output_dir: str, resolved_args: Any, derived: dict[str, Any]) -> None:
+    """Write the run's resolved arguments and the values derived from them to args.json."""
+    with open(os.path.join(output_dir, "args.json"), "w") as f:
+        json.dump({**to_jsonable(resolved_args), **derived}, f, indent=2)
+
+
+def restore_training_state(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: Optional[torch.amp.GradScaler], env: DistEnv) -> int:
+    """Load a checkpoint's model, optimiser, scaler and (for the same number of processes) random
+    states into this run; return the step to continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    # NOTE: with loader workers the data order after a resume is exact, but the augmentations are
+    # not: the workers restart with fresh random states, so a resumed run crops and jitters
+    # differently. With --workers 0 the augmentation uses the restored state and repeats exactly.
+    if state["world_size"] == env.world_size:
+        restore_rng_state(state["rng"][env.rank])
+    elif env.is_main:
+        print(f"note: the checkpoint was written by a run of {state['world_size']} process(es) and this "
+              f"run has {env.world_size}; data order is kept, augmentation random states start fresh")
+    return state["step"]
+
+
+def check_finite_loss(loss_value: float, step: int, lr: float, last_finite: tuple[Optional[int], Optional[float]],
+                      checkpoint_step: Optional[int], output_dir: str) -> None:
+    """Raise TrainingError when the logged loss is NaN or infinite, naming the step, the learning
+    rate, the last finite loss and the checkpoint that is left on disk."""
+    if math.isfinite(loss_value):
+        return
+    saved = (f"{output_dir}/checkpoint.pt is from step {checkpoint_step}" if checkpoint_step
+             else "no checkpoint was written")
+    raise TrainingError(
+        f"loss is {loss_value} at step {step} (learning rate {lr:.4g}); the last finite "
+        f"logged loss was {last_finite[1]} at step {last_finite[0]}, and {saved}. "
+        f"Lower --lr, or use --precision fp32 if it was bf16 or fp16"
+    )
+
+
 # Arguments that may differ between a run and its resumption. Any other difference is an error,
 # because it would change the schedule, the data order or the model.
 RESUMABLE_CHANGES = {
@@ -1053,8 +1147,10 @@ def extract_features(
     `encoder` must already be in eval mode.
     """
     indices = list(range(env.rank, len(dataset), env.world_size))
+    # A private generator, so that encoding (the kNN monitor during training) does not advance the
+    # global random state and a resumed run draws the same numbers as an uninterrupted one.
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=env.device.type == "cuda")
+                        num_workers=workers, pin_memory=env.device.type == "cuda", generator=torch.Generator())
     features, labels = [], []
     for images, targets in loader:
         with autocast(env.device, precision):

@@ -8,12 +8,15 @@ scores are computed on the average-pooled features:
   * weighted kNN: k=200 neighbours with weights exp(cos/0.1) on L2-normalised features
     (Wu et al. 2018), top-1 on the test split.
 Without --augment, the features of both splits are computed once and the probe trains on them,
-which takes seconds. --random-init scores a randomly initialised backbone of the same
+which takes seconds. --protocol moco trains the probe as the MoCo authors' main_lincls.py does
+(plain linear layer, lr 30, steps at epochs 60 and 80, augmented crops), which encodes every batch
+anew and so takes far longer. --random-init scores a randomly initialised backbone of the same
 architecture instead: the baseline that pretraining has to beat.
 
 Run:
     python eval_linear.py --checkpoint runs/<run>/checkpoint.pt
     python eval_linear.py --checkpoint runs/<run>/checkpoint.pt --random-init
+    python eval_linear.py --checkpoint runs/<run>/checkpoint.pt --protocol moco
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint runs/<run>/checkpoint.pt
 The last line printed is JSON with linear_top1, linear_top5 and knn_top1 as fractions; the same JSON
 is written beside the checkpoint as eval.json (eval_random_init.json with --random-init).
@@ -23,11 +26,12 @@ Shapes: M training images, Q test images, F feature width, C classes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -53,18 +57,20 @@ class Args:
     """backbone architecture. Unset: the checkpoint's; another architecture needs --random-init"""
     random_init: bool = False
     """score a backbone with torchvision's random initialisation instead of the checkpoint's weights (the baseline)"""
+    protocol: Literal["standard", "moco"] = "standard"
+    """linear-probe recipe. standard: this collection's, a linear layer on BatchNorm-standardised cached features, SGD with Nesterov momentum and a cosine schedule. moco: the MoCo authors' main_lincls.py, a plain linear layer trained on random resized crops and flips (implies --augment) by SGD with momentum at lr 30 and no weight decay. Its learning rate drops by 10 at 60% and 80% of --epochs (epochs 60 and 80 of 100)"""
     epochs: int = 100
     """epochs of linear-probe training (this collection's choice; MoCo's protocol also trains 100)"""
     batch_size: int = 256
     """global batch size in images, at least 2, of the probe's training and of feature extraction, split over the processes. MoCo's linear classification uses 256 and the SimCLR paper 4096 on ImageNet"""
-    lr: float = 0.1
-    """probe learning rate per 256 images, scaled linearly with --batch-size, with cosine decay (this collection's choice for standardised features)"""
+    lr: Optional[float] = None
+    """probe learning rate per 256 images, scaled linearly with --batch-size. Unset: 0.1 with --protocol standard (this collection's choice for standardised features), 30 with --protocol moco (MoCo authors)"""
     weight_decay: float = 0.0
     """probe weight decay (SimCLR and MoCo use none)"""
     momentum: float = 0.9
-    """momentum of the probe's SGD with Nesterov, above 0 and below 1 (SimCLR paper: 0.9 with Nesterov)"""
+    """momentum of the probe's SGD, above 0 and below 1, with Nesterov in --protocol standard (SimCLR paper: 0.9 with Nesterov; MoCo authors: 0.9)"""
     augment: bool = False
-    """train the probe on random resized crops and flips, encoding every batch anew, instead of on cached features of the plain images"""
+    """train the probe on random resized crops and flips, encoding every batch anew, instead of on cached features of the plain images (always on with --protocol moco)"""
     knn_k: int = 200
     """neighbours of the kNN classifier (Wu et al. 2018: 200)"""
     knn_temperature: float = 0.1
@@ -77,14 +83,37 @@ class Args:
     """seed of the probe's initialisation and batch order, and of --random-init"""
 
 
-def linear_probe(feature_dim: int, classes: int) -> nn.Sequential:
-    """Build a linear classifier on features standardised by BatchNorm without affine parameters.
+def linear_probe(feature_dim: int, classes: int, protocol: str = "standard") -> nn.Sequential:
+    """Build a linear classifier for `protocol`.
 
-    The standardisation is a fixed affine map at test time, so the probe is still linear in the
+    standard: a linear layer on features standardised by BatchNorm without affine parameters. The
+    standardisation is a fixed affine map at test time, so the probe is still linear in the
     features. It lets one learning rate fit backbones whose feature scales differ widely, the same
     choice as MAE's linear probe (He et al. 2022).
+    moco: a plain linear layer with weights drawn from N(0, 0.01^2) and zero bias (main_lincls.py).
     """
+    if protocol == "moco":
+        layer = nn.Linear(feature_dim, classes)
+        nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(layer.bias)
+        return nn.Sequential(layer)
     return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, classes))
+
+
+def probe_lr(step: int, steps_per_epoch: int, args: Args, peak_lr: float) -> float:
+    """Return the probe's learning rate at `step`. The standard protocol decays it with a cosine
+    over all steps. The moco protocol divides it by 10 at 60% and 80% of the epochs, which are
+    epochs 60 and 80 of 100 in main_lincls.py."""
+    total_steps = args.epochs * steps_per_epoch
+    if args.protocol == "moco":
+        epoch = step // steps_per_epoch
+        return peak_lr * 0.1 ** sum(epoch >= round(fraction * args.epochs) for fraction in (0.6, 0.8))
+    return common.warmup_cosine_lr(step, total_steps, 0, peak_lr)
+
+
+def probe_optimizer(probe: nn.Module, args: Args, peak_lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(probe.parameters(), lr=peak_lr, momentum=args.momentum,
+                           nesterov=args.protocol == "standard", weight_decay=args.weight_decay)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -98,11 +127,9 @@ def train_probe_on_features(features: torch.Tensor, labels: torch.Tensor, classe
     """Train the probe on cached features (M, F). Every rank runs the same steps on the same data."""
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    probe = linear_probe(features.shape[1], classes).to(features.device)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
-                                weight_decay=args.weight_decay)
+    probe = linear_probe(features.shape[1], classes, args.protocol).to(features.device)
+    optimizer = probe_optimizer(probe, args, peak_lr)
     steps_per_epoch = math.ceil(features.shape[0] / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
     step = 0
     probe.train()
     for _ in range(args.epochs):
@@ -111,7 +138,7 @@ def train_probe_on_features(features: torch.Tensor, labels: torch.Tensor, classe
             index = order[start : start + args.batch_size]
             if index.numel() < 2:  # BatchNorm needs two samples to standardise
                 continue
-            common.set_lr(optimizer, common.warmup_cosine_lr(step, total_steps, 0, peak_lr))
+            common.set_lr(optimizer, probe_lr(step, steps_per_epoch, args, peak_lr))
             loss = F.cross_entropy(probe(features[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -129,18 +156,16 @@ def train_probe_with_augmentation(backbone: nn.Module, dataset, feature_dim: int
                                  seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=batch_per_process, sampler=sampler, num_workers=workers,
                         pin_memory=env.device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
-    probe = linear_probe(feature_dim, classes).to(env.device)
+    probe = linear_probe(feature_dim, classes, args.protocol).to(env.device)
     train_probe = DDP(probe, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
         if env.distributed else probe
-    optimizer = torch.optim.SGD(probe.parameters(), lr=peak_lr, momentum=args.momentum, nesterov=True,
-                                weight_decay=args.weight_decay)
-    total_steps = args.epochs * len(loader)
+    optimizer = probe_optimizer(probe, args, peak_lr)
     step = 0
     probe.train()
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         for images, targets in loader:
-            common.set_lr(optimizer, common.warmup_cosine_lr(step, total_steps, 0, peak_lr))
+            common.set_lr(optimizer, probe_lr(step, len(loader), args, peak_lr))
             with torch.no_grad(), common.autocast(env.device, precision):
                 features = backbone(images.to(env.device, non_blocking=True))  # (N, F)
             loss = F.cross_entropy(train_probe(features.float()), targets.to(env.device))
@@ -153,13 +178,17 @@ def train_probe_with_augmentation(backbone: nn.Module, dataset, feature_dim: int
 
 def main(args: Args) -> None:
     env = common.read_dist_env()
+    if args.lr is None:
+        args = dataclasses.replace(args, lr=30.0 if args.protocol == "moco" else 0.1)
+    if args.protocol == "moco":
+        args = dataclasses.replace(args, augment=True)
     common.check_positive(epochs=args.epochs, lr=args.lr, knn_k=args.knn_k, knn_temperature=args.knn_temperature)
     if args.batch_size < 2:
         raise common.ConfigError(f"--batch-size {args.batch_size} must be at least 2, because the probe "
-                                 f"standardises features with batch statistics")
+                                 f"trains on batches of at least two images")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         raise common.ConfigError(f"--weight-decay {args.weight_decay} must be a finite number of 0 or more")
-    if (problem := common.momentum_problem(args.momentum, allow_zero=False)) is not None:
+    if (problem := common.momentum_problem(args.momentum, allow_zero=args.protocol == "moco")) is not None:
         raise common.ConfigError(problem)
     if args.workers is not None and args.workers < 0:
         raise common.ConfigError(f"--workers {args.workers} must not be negative (0 loads in the main process)")
@@ -253,7 +282,7 @@ def main(args: Args) -> None:
         "method": state["method"], "arch": arch, "step": state["step"], "random_init": args.random_init,
         "checkpoint": os.path.abspath(args.checkpoint), "dataset": info.name, "data_dir": info.root,
         "image_size": info.image_size, "train_images": len(train_set), "test_images": len(test_set),
-        "probe": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "probe": {"protocol": args.protocol, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "augment": args.augment, "seed": args.seed},
         "knn": {"k": knn_k, "temperature": args.knn_temperature},
     }

@@ -29,8 +29,6 @@ F backbone feature width (512 for ResNet-18, 2048 for ResNet-50).
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -225,12 +223,7 @@ def main(args: Args) -> None:
             f"the dataset has {len(dataset)} images, fewer than one global batch of "
             f"--batch-size {args.batch_size}; use a smaller batch"
         )
-    knn_sets = None
-    if args.knn_every > 0 and info.has_eval_split:
-        plain_transform = common.eval_transform(info.image_size, info.mean, info.std)
-        knn_sets = common.eval_datasets(info, plain_transform, plain_transform)
-    elif args.knn_every > 0 and env.is_main:
-        print(f"note: {info.root} has no val/ or test/ folder, so the kNN monitor is off")
+    knn_sets = common.knn_datasets(info, args.knn_every, env)
     output_dir = common.resolve_output_dir(args.output_dir, args.resume, METHOD, info, args.arch)
     common.prepare_output_dir(output_dir, args.resume, args.overwrite, env,
                               resume_step=state["step"] if state is not None else None)
@@ -254,18 +247,7 @@ def main(args: Args) -> None:
     scaler = common.make_grad_scaler(precision, env.device)
     step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        # NOTE: the data order after a resume is exact, but the augmentations are not: the loader's
-        # workers draw their seeds when they start, so a resumed run crops and jitters differently.
-        if state["world_size"] == env.world_size:
-            common.restore_rng_state(state["rng"][env.rank])
-        elif env.is_main:
-            print(f"note: the checkpoint was written by a run of {state['world_size']} process(es) and this "
-                  f"run has {env.world_size}; data order is kept, augmentation random states start fresh")
+        step = common.restore_training_state(state, model, optimizer, scaler, env)
     train_model = torch.compile(model) if args.compile else model
     if env.distributed:
         train_model = DDP(train_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
@@ -282,8 +264,7 @@ def main(args: Args) -> None:
                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
                        stop_step=stop_step, blur=blur, cifar_stem=info.small_images, device=str(env.device),
                        normalization_mean=info.mean, normalization_std=info.std)
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump({**common.to_jsonable(resolved), **derived}, f, indent=2)
+        common.write_args_json(output_dir, resolved, derived)
         print(f"simclr: {args.arch} on {info.name} ({len(dataset)} images of {info.image_size} px, "
               f"colour strength {strength}, blur {blur}) -> {output_dir}")
         print(f"processes {env.world_size} on {env.device} | batch {args.batch_size} global, "
@@ -328,14 +309,7 @@ def main(args: Args) -> None:
             if step % args.log_every == 0 or step == stop_step:
                 loss_value = common.all_reduce_mean(loss).item()
                 accuracy_value = common.all_reduce_mean(accuracy).item()
-                if not math.isfinite(loss_value):
-                    saved = (f"{output_dir}/checkpoint.pt is from step {checkpoint_step}" if checkpoint_step
-                             else "no checkpoint was written")
-                    raise common.TrainingError(
-                        f"loss is {loss_value} at step {step} (learning rate {lr:.4g}); the last finite "
-                        f"logged loss was {last_finite[1]} at step {last_finite[0]}, and {saved}. "
-                        f"Lower --lr, or use --precision fp32 if it was bf16 or fp16"
-                    )
+                common.check_finite_loss(loss_value, step, lr, last_finite, checkpoint_step, output_dir)
                 last_finite = (step, loss_value)
                 elapsed = time.perf_counter() - interval_start
                 seconds_per_step = elapsed / (step - interval_step)

@@ -13,6 +13,7 @@ from torch import nn
 
 import common
 import eval_linear
+import moco
 import simclr
 from conftest import describe_failure, read_metrics, run_script
 
@@ -193,7 +194,8 @@ def test_peak_lr_independent_of_processes(pretrained_run, two_process_run):
     assert one_process["steps_per_epoch"] == two_processes["steps_per_epoch"]
 
 
-@pytest.mark.parametrize("script, args_type", [("simclr.py", simclr.Args), ("eval_linear.py", eval_linear.Args)])
+@pytest.mark.parametrize("script, args_type", [("simclr.py", simclr.Args), ("moco.py", moco.Args),
+                                               ("eval_linear.py", eval_linear.Args)])
 def test_help_lists_every_flag(script, args_type):
     result = run_script(script, "--help")
     assert result.returncode == 0, describe_failure(result)
