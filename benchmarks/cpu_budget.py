@@ -1,9 +1,9 @@
-"""SimCLR on a CIFAR-10 subset within a CPU budget: pretrain, then score against a random backbone.
+"""A method on a CIFAR-10 subset within a CPU budget: pretrain, then score against a random backbone.
 
 Builds a `folder` dataset of the first --train-per-class training and --test-per-class test images
 of each class from a CIFAR-10 copy in class folders (SRC/train/<class>/*.jpg, SRC/test/...), runs
 
-    python simclr.py --dataset folder --data-dir SUBSET --arch resnet18 --batch-size 128 --max-steps 170
+    python METHOD.py --dataset folder --data-dir SUBSET --arch resnet18 --batch-size 128 --max-steps 170
     python eval_linear.py --checkpoint RUN/checkpoint.pt
     python eval_linear.py --checkpoint RUN/checkpoint.pt --random-init
 
@@ -11,11 +11,14 @@ and prints the kNN and linear-probe figures of both, the wall times and the mach
 one line of JSON. With --min-knn and --min-knn-gain it exits with status 1 when the pretrained
 kNN top-1 falls below the bound or beats the random backbone by less than the gain.
 
---simclr-args adds flags to the simclr.py command, to score other settings on the same subset.
+--method picks the script (simclr or moco), and --method-args adds flags to its command, to score
+other settings on the same subset.
 
-Run (the full check, about 40 minutes on a 2-core CPU):
-    python benchmarks/simclr_cpu_budget.py --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/simclr-cpu \
+Run (the full check, about 40 minutes for SimCLR on a 2-core CPU):
+    python benchmarks/cpu_budget.py --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/simclr-cpu \
         --min-knn 0.37 --min-knn-gain 0.04
+    python benchmarks/cpu_budget.py --method moco --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/moco-cpu \
+        --method-args "--queue-size 4096 --momentum 0.99 --temperature 0.1 --cos --aug-plus"
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=170, help="optimiser steps of pretraining (default 170)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size of pretraining (default 128)")
     parser.add_argument("--arch", default="resnet18", help="backbone (default resnet18)")
-    parser.add_argument("--simclr-args", default="", help="further simclr.py flags, one quoted string (for example \"--epochs 3 --warmup-epochs 0.1\")")
+    parser.add_argument("--method", choices=("simclr", "moco"), default="simclr", help="method script to pretrain with (default simclr)")
+    parser.add_argument("--method-args", default="", help="further flags of the method script, one quoted string (for example \"--epochs 3 --warmup-epochs 0.1\")")
     parser.add_argument("--min-knn", type=float, default=None, help="fail when the pretrained kNN top-1 is below this fraction")
     parser.add_argument("--min-knn-gain", type=float, default=None, help="fail when the pretrained kNN top-1 beats the random backbone by less than this")
     args = parser.parse_args()
@@ -104,8 +108,8 @@ def main() -> None:
 
     python = sys.executable
     train_seconds, _ = run(
-        [python, "simclr.py", "--dataset", "folder", "--data-dir", data_dir, "--arch", args.arch,
-         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps), "--output-dir", run_dir, *shlex.split(args.simclr_args)],
+        [python, f"{args.method}.py", "--dataset", "folder", "--data-dir", data_dir, "--arch", args.arch,
+         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps), "--output-dir", run_dir, *shlex.split(args.method_args)],
         os.path.join(args.work_dir, "train.log"),
     )
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
@@ -125,7 +129,8 @@ def main() -> None:
         "random_linear_top1": random_init["linear_top1"],
         "knn_gain": pretrained["knn_top1"] - random_init["knn_top1"],
         "train_images": counts["train"], "test_images": counts["test"],
-        "max_steps": args.max_steps, "batch_size": args.batch_size, "arch": args.arch, "simclr_args": args.simclr_args,
+        "max_steps": args.max_steps, "batch_size": args.batch_size, "arch": args.arch,
+        "method": args.method, "method_args": args.method_args,
         "train_s": round(train_seconds, 1), "eval_s": round(eval_seconds, 1), "random_eval_s": round(random_seconds, 1),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
@@ -133,7 +138,7 @@ def main() -> None:
     }
     print()
     print(f"{'backbone':<22}{'kNN top-1':>10}{'linear top-1':>14}")
-    print(f"{'SimCLR, ' + str(args.max_steps) + ' steps':<22}{result['knn_top1']:>10.4f}{result['linear_top1']:>14.4f}")
+    print(f"{args.method + ', ' + str(args.max_steps) + ' steps':<22}{result['knn_top1']:>10.4f}{result['linear_top1']:>14.4f}")
     print(f"{'random init':<22}{result['random_knn_top1']:>10.4f}{result['random_linear_top1']:>14.4f}")
     print(f"pretraining {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} + {random_seconds / 60:.1f} min "
           f"on {result['cpus']} CPUs; torch {torch.__version__}, torchvision {torchvision.__version__}")
