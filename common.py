@@ -19,7 +19,7 @@ import urllib.error
 import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
+import tyro
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 DatasetName = Literal["cifar10", "cifar100", "stl10", "folder"]
@@ -54,10 +55,13 @@ class TrainingError(Exception):
     """Failure that stops a run part-way, such as a non-finite loss, reported without a traceback."""
 
 
+# A boolean flag with no --no- form. Options that a preset turns on (MoCo's --v2 turns on --mlp)
+# use it, so that "--v2 --no-mlp" is rejected as an unknown flag instead of silently overridden.
+SwitchOnFlag = Annotated[bool, tyro.conf.FlagCreatePairsOff]
+
+
 def run_cli(main: Callable[[Any], None], args_type: type) -> None:
     """Parse `args_type` with tyro and call `main(args)`, turning a ConfigError into a clean exit."""
-    import tyro  # imported here so that importing this module for tests stays cheap
-
     args = tyro.cli(args_type)
     try:
         main(args)
@@ -167,8 +171,8 @@ def validate_training_args(args: Any, optimizer_momentum: str = "momentum") -> N
     if (problem := momentum_problem(getattr(args, optimizer_momentum))) is not None:
         problems.append(problem.replace("--momentum", f"--{optimizer_momentum.replace('_', '-')}", 1))
     if args.batch_size < 2:
-        problems.append(f"--batch-size {args.batch_size} must be at least 2, because the other images of "
-                        f"the batch are the negatives")
+        problems.append(f"--batch-size {args.batch_size} must be at least 2, because BatchNorm normalises "
+                        f"over the images of a batch")
     if args.max_steps is not None and args.max_steps <= 0:
         problems.append(f"--max-steps {args.max_steps} must be positive")
     if args.workers is not None and args.workers < 0:
@@ -649,16 +653,16 @@ def simclr_augmentation(
 
 
 def moco_augmentation(image_size: int, mean: Sequence[float], std: Sequence[float], aug_plus: bool,
-                      blur: bool) -> T.Compose:
+                      blur: bool, min_crop_scale: float = 0.2) -> T.Compose:
     """Build one view of MoCo's augmentation from torchvision transforms, as in the authors' main_moco.py.
 
     v1 (He et al. 2020): random resized crop (area 0.2 to 1), greyscale with probability 0.2,
     colour jitter (0.4, 0.4, 0.4, 0.4) always, horizontal flip. v2 (`aug_plus`, Chen et al. 2020):
     random resized crop (area 0.2 to 1), colour jitter (0.4, 0.4, 0.4, 0.1) with probability 0.8,
     greyscale with probability 0.2, Gaussian blur (sigma 0.1 to 2.0) with probability 0.5 when
-    `blur` is set, horizontal flip.
+    `blur` is set, horizontal flip. `min_crop_scale` is the smallest crop area (0.2 in both).
     """
-    crop = T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True)
+    crop = T.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), antialias=True)
     if not aug_plus:
         steps: list[nn.Module] = [crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
                                   T.RandomHorizontalFlip()]
@@ -878,7 +882,8 @@ def _tidy_run_files(output_dir: str, resume_step: Optional[int]) -> None:
     steps after the checkpoint, because the resumed run logs those steps again."""
     metrics = os.path.join(output_dir, "metrics.jsonl")
     if resume_step is None:
-        for name in ("metrics.jsonl", "eval.json", "eval_random_init.json"):
+        for name in ("metrics.jsonl", "eval.json", "eval_random_init.json", "eval_moco.json",
+                     "eval_random_init_moco.json"):
             if os.path.exists(os.path.join(output_dir, name)):
                 os.remove(os.path.join(output_dir, name))
     elif os.path.exists(metrics):
@@ -1081,12 +1086,12 @@ RESUMABLE_CHANGES = {
 }
 
 
-def check_resume(state: dict[str, Any], resolved_args: Any, steps_per_epoch: int, path: str) -> None:
+def check_resume(state: dict[str, Any], resolved_args: Any, steps_per_epoch: Optional[int], path: str) -> None:
     """Raise ConfigError unless this run's resolved arguments and data match the checkpoint's.
 
     Arguments are compared after their defaults are resolved (image size, colour strength and so
-    on), so spelling out a default is no change. The steps per epoch must match too, because the
-    step counter maps to an epoch and a position in it only for the same number of images.
+    on), so spelling out a default is no change. The steps per epoch must match too (checked by
+    check_resume_steps unless `steps_per_epoch` is None, for a call before the data is loaded).
     A --max-steps below the checkpoint's step is an error too, because the run cannot go back.
     """
     if resolved_args.max_steps is not None and resolved_args.max_steps < state["step"]:
@@ -1109,6 +1114,13 @@ def check_resume(state: dict[str, Any], resolved_args: Any, steps_per_epoch: int
             f"cannot resume {path} with different settings: {'; '.join(changed)}. Repeat the "
             f"original command with --resume, or start a new run"
         )
+    if steps_per_epoch is not None:
+        check_resume_steps(state, steps_per_epoch, path)
+
+
+def check_resume_steps(state: dict[str, Any], steps_per_epoch: int, path: str) -> None:
+    """Raise ConfigError unless the data gives the checkpoint's steps per epoch, because the step
+    counter maps to an epoch and a position in it only for the same number of images."""
     if state["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(
             f"cannot resume {path}: the training data now gives {steps_per_epoch} steps per epoch, "
@@ -1210,8 +1222,13 @@ def knn_monitor(backbone: nn.Module, train_set: Dataset, test_set: Dataset, batc
     """Weighted-kNN top-1 of `backbone`'s features (k=200, T=0.1 as in Wu et al. 2018).
 
     Every rank takes part. The backbone runs in eval mode, so BatchNorm uses its running
-    statistics, and is put back in its previous mode afterwards.
+    statistics, and is put back in its previous mode afterwards. Those statistics are first
+    copied from rank 0, because without SyncBatchNorm each rank's differ from the checkpoint's
+    (rank 0's) since DDP last broadcast them.
     """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in backbone.buffers():
+            dist.broadcast(buffer, src=0)
     was_training = backbone.training
     backbone.eval()
     train_features, train_labels = extract_features(backbone, train_set, batch_size, workers, env, precision,

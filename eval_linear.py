@@ -19,7 +19,8 @@ Run:
     python eval_linear.py --checkpoint runs/<run>/checkpoint.pt --protocol moco
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint runs/<run>/checkpoint.pt
 The last line printed is JSON with linear_top1, linear_top5 and knn_top1 as fractions; the same JSON
-is written beside the checkpoint as eval.json (eval_random_init.json with --random-init).
+is written beside the checkpoint as eval.json (eval_random_init.json with --random-init, and
+_moco before .json with --protocol moco).
 
 Shapes: M training images, Q test images, F feature width, C classes.
 """
@@ -68,8 +69,8 @@ class Args:
     weight_decay: float = 0.0
     """probe weight decay (SimCLR and MoCo use none)"""
     momentum: float = 0.9
-    """momentum of the probe's SGD, above 0 and below 1, with Nesterov in --protocol standard (SimCLR paper: 0.9 with Nesterov; MoCo authors: 0.9)"""
-    augment: bool = False
+    """momentum of the probe's SGD, below 1: above 0 with --protocol standard, which uses Nesterov momentum (SimCLR paper: 0.9 with Nesterov), and 0 or more with --protocol moco (MoCo authors: 0.9)"""
+    augment: common.SwitchOnFlag = False
     """train the probe on random resized crops and flips, encoding every batch anew, instead of on cached features of the plain images (always on with --protocol moco)"""
     knn_k: int = 200
     """neighbours of the kNN classifier (Wu et al. 2018: 200)"""
@@ -173,6 +174,11 @@ def train_probe_with_augmentation(backbone: nn.Module, dataset, feature_dim: int
             loss.backward()
             optimizer.step()
             step += 1
+        # Each epoch encodes the whole training split anew, which takes minutes on a CPU.
+        loss_value = common.all_reduce_mean(loss).item()  # every rank takes part
+        if env.is_main:
+            print(f"probe epoch {epoch + 1}/{args.epochs}: loss {loss_value:.4g}, "
+                  f"lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
     return probe.eval()
 
 
@@ -225,6 +231,13 @@ def main(args: Args) -> None:
     plain = common.eval_transform(info.image_size, info.mean, info.std)
     train_set, test_set = common.eval_datasets(info, plain, plain)
     classes = common.num_classes(train_set)
+    if args.augment and len(train_set) < args.batch_size:
+        # Checked before any encoding, because the augmented probe drops the last partial batch.
+        implied = " (which --protocol moco implies)" if args.protocol == "moco" else ""
+        raise common.ConfigError(
+            f"--augment{implied} needs at least one full batch, but the training split has "
+            f"{len(train_set)} images and --batch-size is {args.batch_size}; lower --batch-size"
+        )
 
     # Backbone: the checkpoint's weights, or a random initialisation of the same shape.
     torch.manual_seed(args.seed)
@@ -238,7 +251,8 @@ def main(args: Args) -> None:
     source = "random initialisation" if args.random_init else f"{state['method']} step {state['step']}"
     if env.is_main:
         print(f"eval_linear: {arch} ({source}) on {info.name}: {len(train_set)} training and "
-              f"{len(test_set)} test images of {info.image_size} px, {classes} classes")
+              f"{len(test_set)} test images of {info.image_size} px, {classes} classes | probe: {args.protocol} "
+              f"protocol, {args.epochs} epochs, lr {args.lr} per 256 images, augment {args.augment}")
 
     # Features of the plain images, computed once: kNN bank and queries, cached probe inputs.
     batch_per_process = args.batch_size // env.world_size
@@ -258,11 +272,6 @@ def main(args: Args) -> None:
         augmented = T.Compose([T.RandomResizedCrop(info.image_size, antialias=True), T.RandomHorizontalFlip(),
                                T.ToTensor(), T.Normalize(info.mean, info.std)])
         augmented_train_set, _ = common.eval_datasets(info, augmented, plain)
-        if len(augmented_train_set) < args.batch_size:
-            raise common.ConfigError(
-                f"--augment needs at least one full batch, but the training split has "
-                f"{len(augmented_train_set)} images and --batch-size is {args.batch_size}; lower --batch-size"
-            )
         probe = train_probe_with_augmentation(backbone, augmented_train_set, feature_dim, classes, args,
                                               peak_lr, env, workers, precision)
     else:
@@ -287,7 +296,10 @@ def main(args: Args) -> None:
         "knn": {"k": knn_k, "temperature": args.knn_temperature},
     }
     if env.is_main:
-        name = "eval_random_init.json" if args.random_init else "eval.json"
+        name = "eval_random_init" if args.random_init else "eval"
+        if args.protocol == "moco":
+            name += "_moco"
+        name += ".json"
         path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name)
         try:
             with open(path, "w") as f:

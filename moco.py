@@ -10,7 +10,7 @@ queue of the K keys of earlier batches, so their number does not depend on the b
 InfoNCE loss (paper equation 1) classifies each query's positive among K+1 keys. After each step
 the keys of all processes join the queue and the oldest leave it. Under DDP, the key batch is
 shuffled across processes before f_k and unshuffled after it ("shuffling BN", paper section 3.3),
-so a query and its key are normalised with the statistics of different images; one process
+so a query and its key are normalised with the statistics of different images. One process
 emulates this with --bn-splits groups of images that have their own BatchNorm statistics, as in
 the authors' CIFAR-10 demonstration. Defaults follow the authors' ImageNet code (main_moco.py):
 ResNet-50, batch 256, SGD at lr 0.03 per 256 images, weight decay 1e-4, 200 epochs with the
@@ -24,11 +24,11 @@ Run:
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         --rdzv_id=moco moco.py                              # the same command on each of two nodes
     python eval_linear.py --checkpoint runs/<run>/checkpoint.pt
-The authors' CIFAR-10 recipe (moco_cifar10_demo.ipynb; ResNet-18 with the CIFAR stem, 8 BatchNorm
-splits, 200 epochs, cosine schedule; its augmentation is --aug-plus without blur, which this file
-leaves out for images of 64 px or less):
+The authors' CIFAR-10 recipe (moco_cifar10_demo.ipynb: ResNet-18 with the CIFAR stem, 8 BatchNorm
+splits, 200 epochs, cosine schedule, and --aug-plus with crops down to 8% of the image and no
+blur, which this file leaves out for images of 64 px or less):
     python moco.py --arch resnet18 --batch-size 512 --lr 0.03 --weight-decay 5e-4 --queue-size 4096 \\
-        --momentum 0.99 --temperature 0.1 --cos --aug-plus
+        --momentum 0.99 --temperature 0.1 --cos --aug-plus --min-crop-scale 0.08
 
 Shapes: N images per process, W processes, B = W*N global batch, K queue length, D key width
 (128), F backbone feature width (512 for ResNet-18, 2048 for ResNet-50).
@@ -94,7 +94,7 @@ class Args:
     """backbone of both encoders, a torchvision ResNet (authors' code: resnet50; their CIFAR-10 demonstration: resnet18); images of 64 px or less get the CIFAR stem"""
     feature_dim: int = 128
     """width D of the keys and queries (authors' code: 128)"""
-    mlp: bool = False
+    mlp: common.SwitchOnFlag = False
     """MoCo v2's head: Linear(F, F), ReLU, Linear(F, D) instead of one Linear(F, D)"""
     queue_size: int = 65536
     """number of negative keys K in the queue (authors' code: 65536). It must be a multiple of the keys added per step: the global batch, or twice that with --symmetric"""
@@ -109,10 +109,12 @@ class Args:
     symmetric: bool = False
     """also encode the second view as the query and the first as the key, and add that loss. The authors' CIFAR-10 demonstration offers it, but the papers' loss is asymmetric"""
     v2: bool = False
-    """MoCo v2: turns on --mlp, --aug-plus and --cos, and sets tau to 0.2 unless --temperature is given"""
-    aug_plus: bool = False
+    """MoCo v2: turns on --mlp, --aug-plus and --cos, and sets tau to 0.2 unless --temperature is given. For only some of them, pass those flags instead of --v2"""
+    aug_plus: common.SwitchOnFlag = False
     """MoCo v2's augmentation (colour jitter with probability 0.8 and hue 0.1, Gaussian blur with probability 0.5 on images larger than 64 px) instead of v1's"""
-    cos: bool = False
+    min_crop_scale: float = 0.2
+    """smallest area of the random resized crop, as a fraction of the image (authors' code: 0.2; their CIFAR-10 demonstration: torchvision's default 0.08)"""
+    cos: common.SwitchOnFlag = False
     """cosine learning-rate schedule over --epochs (MoCo v2) instead of the steps of --lr-drops"""
     lr_drops: tuple[int, ...] = (120, 160)
     """epochs at which the learning rate is divided by 10 when --cos is off (authors' code: 120 160)"""
@@ -273,6 +275,28 @@ def check_queue_size(K: int, keys_per_step: int, symmetric: bool) -> None:
     )
 
 
+def check_bn_groups(batch_per_process: int, bn_splits: int, args: Args, world_size: int,
+                    info: common.DataInfo) -> None:
+    """Raise ConfigError unless --bn-splits divides the per-process batch into groups that give
+    BatchNorm at least 2 values per channel at the ResNet's last stage."""
+    default = " (the default with one process)" if args.bn_splits is None else ""
+    if bn_splits < 1 or batch_per_process % bn_splits != 0:
+        raise common.ConfigError(
+            f"--bn-splits {bn_splits}{default} must be a positive divisor of the per-process batch of "
+            f"{batch_per_process} images (--batch-size {args.batch_size} over {world_size} process(es)); "
+            f"pass another --bn-splits or --batch-size"
+        )
+    # The CIFAR stem halves the side 3 times, the ImageNet stem 5 times, each rounding up.
+    last_side = math.ceil(info.image_size / (8 if info.small_images else 32))
+    group = batch_per_process // bn_splits
+    if group * last_side**2 < 2:
+        raise common.ConfigError(
+            f"BatchNorm groups of {group} image(s) (--bn-splits {bn_splits}{default}, {batch_per_process} images per "
+            f"process) see one value per channel at the last stage ({last_side}x{last_side} for {info.image_size}-px "
+            f"images), which BatchNorm cannot normalise; use fewer --bn-splits or a larger --batch-size or --image-size"
+        )
+
+
 def main(args: Args) -> None:
     # Processes, batch split, resolved defaults and input checks, all before any work starts.
     env = common.read_dist_env()
@@ -284,21 +308,16 @@ def main(args: Args) -> None:
     if not 0 <= args.momentum < 1:
         raise common.ConfigError(f"--momentum {args.momentum} (the key encoder's m) must be from 0 (inclusive) to "
                                  f"1 (exclusive); the authors use 0.999, and 0.99 for CIFAR-10")
-    if any(drop <= 0 for drop in args.lr_drops):
-        raise common.ConfigError(f"--lr-drops {' '.join(map(str, args.lr_drops))} must be positive epochs")
+    drops = " ".join(map(str, args.lr_drops))
+    if any(drop <= 0 for drop in args.lr_drops) or list(args.lr_drops) != sorted(set(args.lr_drops)):
+        raise common.ConfigError(f"--lr-drops {drops} must be positive epochs in increasing order, each once")
+    if not 0 < args.min_crop_scale <= 1:
+        raise common.ConfigError(f"--min-crop-scale {args.min_crop_scale} must be above 0 and at most 1 "
+                                 f"(a fraction of the image area)")
     batch_per_process = common.per_process_batch(args.batch_size, env.world_size)  # N
-    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
-    check_queue_size(args.queue_size, keys_per_step, args.symmetric)
     bn_splits = args.bn_splits
     if bn_splits is None:
         bn_splits = 8 if env.world_size == 1 else 1
-    if bn_splits < 1 or batch_per_process % bn_splits != 0:
-        default = " (the default with one process)" if args.bn_splits is None else ""
-        raise common.ConfigError(
-            f"--bn-splits {bn_splits}{default} must be a positive divisor of the per-process batch of "
-            f"{batch_per_process} images (--batch-size {args.batch_size} over {env.world_size} process(es)); "
-            f"pass another --bn-splits or --batch-size"
-        )
     mlp, aug_plus, cos = args.mlp or args.v2, args.aug_plus or args.v2, args.cos or args.v2
     info = common.describe_dataset(args.dataset, args.data_dir, args.image_size)
     # DEVIATION: MoCo v2's blur is left out for images of 64 px or less, as in the authors' CIFAR-10
@@ -310,17 +329,31 @@ def main(args: Args) -> None:
                                    bn_splits=bn_splits, mlp=mlp, aug_plus=aug_plus, cos=cos, workers=workers,
                                    precision=precision)
     state = common.load_checkpoint(args.resume, METHOD) if args.resume is not None else None
+    if state is not None:
+        saved_splits = state["args"]["bn_splits"]
+        if args.bn_splits is None and saved_splits != bn_splits:
+            raise common.ConfigError(
+                f"{args.resume} was trained with --bn-splits {saved_splits} on {state['world_size']} process(es); "
+                f"the default for {env.world_size} process(es) is {bn_splits}. Pass --bn-splits {saved_splits} "
+                f"to resume, and mind that the images per BatchNorm group change with the process count"
+            )
+        # Before the queue and BatchNorm checks, so a resume with other flags names the flags that differ.
+        common.check_resume(state, resolved, None, args.resume)
+
+    # The queue and the BatchNorm groups must fit the batch.
+    keys_per_step = args.batch_size * (2 if args.symmetric else 1)
+    check_queue_size(args.queue_size, keys_per_step, args.symmetric)
+    check_bn_groups(batch_per_process, bn_splits, args, env.world_size, info)
 
     common.init_distributed(env)
 
     # Data: a query view and a key view of every image, per-process batches of N images.
     common.prepare_download(info, env)
-    augmentation = common.moco_augmentation(info.image_size, info.mean, info.std, aug_plus, blur)
+    augmentation = common.moco_augmentation(info.image_size, info.mean, info.std, aug_plus, blur, args.min_crop_scale)
     dataset = common.pretrain_dataset(info, common.TwoViews(augmentation))
     steps_per_epoch = len(dataset) // args.batch_size
     if state is not None:
-        # Before the batch check, so a resume with other flags names the flags that differ.
-        common.check_resume(state, resolved, steps_per_epoch, args.resume)
+        common.check_resume_steps(state, steps_per_epoch, args.resume)
     if steps_per_epoch == 0:
         raise common.ConfigError(
             f"the dataset has {len(dataset)} images, fewer than one global batch of "
@@ -381,8 +414,10 @@ def main(args: Args) -> None:
               f"{peak_lr:.4g} peak, {schedule} | {precision} | loader workers per process: {workers}")
         print(f"steps: {steps_per_epoch} per epoch, {total_steps} in the schedule, stopping at {stop_step}; "
               f"starting at step {step}")
-        if not cos and any(drop >= args.epochs for drop in args.lr_drops):
-            print(f"note: --lr-drops epochs of {args.epochs} or more do not take effect within --epochs {args.epochs}")
+        late = [str(drop) for drop in args.lr_drops if drop >= args.epochs]
+        if not cos and late:
+            print(f"note: --lr-drops {' '.join(late)} lie at or after --epochs {args.epochs}, so the learning rate "
+                  f"does not drop there; pass earlier --lr-drops, or --cos for a cosine decay")
         if args.queue_size > len(dataset):
             print(f"note: the queue (K {args.queue_size}) is longer than the dataset ({len(dataset)} images), so it "
                   f"holds older keys of the same images")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -36,6 +37,14 @@ def make_model(inputs: dict) -> moco.MoCo:
 def make_bn_key_encoder() -> nn.Sequential:
     """A key encoder whose output depends on the other images of its batch through BatchNorm."""
     return nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+
+class LabelledImages(TensorDataset):
+    """A TensorDataset of (input, label) pairs with the `classes` attribute that knn_monitor reads."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__(images, labels)
+        self.classes = sorted(set(labels.tolist()))
 
 
 def main() -> None:
@@ -92,6 +101,16 @@ def main() -> None:
     # (d) Gathering images in channels-last layout, as encode_keys does with --channels-last.
     images = (torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2) + 100 * rank)
     results["gathered_channels_last"] = common.gather_no_grad(images.contiguous(memory_format=torch.channels_last))
+
+    # (e) The kNN monitor encodes with rank 0's BatchNorm statistics on every rank, as the
+    # checkpoint (written by rank 0) and eval_linear.py do.
+    backbone = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+    backbone.load_state_dict(inputs["monitor_backbone"])
+    with torch.no_grad():
+        backbone[1].running_mean.fill_(float(rank))  # what per-rank batches leave behind
+    labelled = LabelledImages(inputs["monitor_images"], inputs["monitor_labels"])
+    results["monitor_knn"] = common.knn_monitor(backbone, labelled, labelled, 2, 0, env, "fp32", k=3)
+    results["monitor_running_mean"] = backbone[1].running_mean.clone()
 
     os.makedirs(output_dir, exist_ok=True)
     torch.save(results, os.path.join(output_dir, f"rank{rank}.pt"))

@@ -29,6 +29,10 @@ def worker_inputs() -> dict:
     inputs["model"] = moco.MoCo(torch.nn.Linear(6, 5), feature_dim=5, dim=3, K=K, mlp=True).state_dict()
     inputs["x_q"] = [torch.randn(GLOBAL_BATCH, 6, generator=generator) for _ in range(STEPS)]
     inputs["x_k"] = [x + 0.1 * torch.randn(GLOBAL_BATCH, 6, generator=generator) for x in inputs["x_q"]]
+    monitor_backbone = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5))
+    inputs["monitor_backbone"] = monitor_backbone.state_dict()
+    inputs["monitor_images"] = torch.randn(10, 6, generator=generator)
+    inputs["monitor_labels"] = torch.arange(10) % 2
     bn_key_encoder = make_bn_key_encoder()
     with torch.no_grad():
         bn_key_encoder[1].weight.uniform_(0.5, 2.0, generator=generator)
@@ -152,3 +156,9 @@ def test_symmetric_gradients_match_one_process(ranks, worker_inputs):
         assert set(ranks[rank]["symmetric_grads"]) == set(expected)
         for name, grad in expected.items():
             torch.testing.assert_close(ranks[rank]["symmetric_grads"][name], grad, msg=f"{name} on rank {rank}")
+
+
+def test_knn_monitor_uses_rank0_statistics(ranks):
+    for rank in range(WORLD_SIZE):
+        assert torch.equal(ranks[rank]["monitor_running_mean"], torch.zeros(5)), f"rank {rank}"
+    assert ranks[0]["monitor_knn"] == ranks[1]["monitor_knn"]

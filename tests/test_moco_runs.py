@@ -135,7 +135,8 @@ def test_args_json_resolved(straight_run):
 
 def test_start_up_notes(straight_run):
     output = straight_run[1].stdout
-    assert "note: --lr-drops epochs of 4 or more do not take effect within --epochs 4" in output
+    assert ("note: --lr-drops 120 160 lie at or after --epochs 4, so the learning rate does not drop there; "
+            "pass earlier --lr-drops, or --cos for a cosine decay") in output
     assert "BatchNorm splits 8 | K 16, m 0.999, tau 0.07" in output
 
 
@@ -188,7 +189,9 @@ def test_eval_linear_moco_protocol(straight_run, tmp_path):
     result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--protocol", "moco",
                         "--epochs", "2", "--batch-size", "8", "--workers", "0")
     assert result.returncode == 0, describe_failure(result)
-    probe = json.loads((run_dir / "eval.json").read_text())["probe"]
+    assert "probe epoch 2/2: loss" in result.stdout
+    assert "probe: moco protocol, 2 epochs, lr 30.0 per 256 images, augment True" in result.stdout
+    probe = json.loads((run_dir / "eval_moco.json").read_text())["probe"]
     assert probe["protocol"] == "moco"
     assert probe["lr"] == 30.0
     assert probe["augment"] is True
@@ -210,9 +213,15 @@ def test_eval_linear_moco_protocol(straight_run, tmp_path):
     (("--temperature", "0"), "--temperature 0.0 must be a positive finite number"),
     (("--batch-size", "4"), "--bn-splits 8 (the default with one process) must be a positive divisor of the "
                             "per-process batch of 4 images"),
-    (("--lr-drops", "0", "3"), "--lr-drops 0 3 must be positive epochs"),
+    (("--lr-drops", "0", "3"), "--lr-drops 0 3 must be positive epochs in increasing order, each once"),
+    (("--lr-drops", "5", "5", "3"), "--lr-drops 5 5 3 must be positive epochs in increasing order, each once"),
+    (("--min-crop-scale", "0"), "--min-crop-scale 0.0 must be above 0 and at most 1"),
+    (("--image-size", "8", "--bn-splits", "8"),
+     "BatchNorm groups of 1 image(s) (--bn-splits 8, 8 images per process) see one value per channel at the "
+     "last stage (1x1 for 8-px images)"),
+    (("--v2", "--no-mlp"), "--no-mlp"),
 ], ids=["queue 6 batch 4", "queue symmetric", "bn splits", "key momentum", "sgd momentum", "temperature",
-        "default bn splits", "lr drops"])
+        "default bn splits", "lr drops", "lr drops order", "crop scale", "bn group of one", "v2 no mlp"])
 def test_bad_flag_rejected(image_folder, tmp_path, extra, expected):
     result = run_script("moco.py", *MOCO_ARGS, "--data-dir", str(image_folder), "--output-dir",
                         str(tmp_path / "out"), *extra)
@@ -220,6 +229,26 @@ def test_bad_flag_rejected(image_folder, tmp_path, extra, expected):
     assert expected in result.stderr, describe_failure(result)
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_other_process_count_names_splits(two_process_run, image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_process_run[0], run_dir)
+    result = run_script("moco.py", *MOCO_ARGS, "--data-dir", str(image_folder), "--resume",
+                        str(run_dir / "checkpoint.pt"), "--max-steps", "4")
+    assert result.returncode == 2, describe_failure(result)
+    assert "was trained with --bn-splits 1 on 2 process(es); the default for 1 process(es) is 8. " \
+           "Pass --bn-splits 1 to resume" in result.stderr
+
+
+def test_resume_changed_batch_named_first(split_run, image_folder, tmp_path):
+    # The queue no longer fits the new batch either, but the changed flag is the error to fix.
+    run_dir = tmp_path / "run"
+    shutil.copytree(split_run[0], run_dir)
+    result = run_script("moco.py", *MOCO_ARGS, "--batch-size", "12", "--data-dir", str(image_folder),
+                        "--resume", str(run_dir / "checkpoint.pt"), "--max-steps", "6")
+    assert result.returncode == 2, describe_failure(result)
+    assert "--batch-size 8 -> 12" in result.stderr
 
 
 def test_simclr_checkpoint_rejected(pretrained_run, image_folder, tmp_path):
