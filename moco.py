@@ -12,9 +12,10 @@ the keys of all processes join the queue and the oldest leave it. Under DDP, the
 shuffled across processes before f_k and unshuffled after it ("shuffling BN", paper section 3.3),
 so a query and its key are normalised with the statistics of different images. One process
 emulates this with --bn-splits groups of images that have their own BatchNorm statistics, as in
-the authors' CIFAR-10 demonstration. Defaults follow the authors' ImageNet code (main_moco.py):
-ResNet-50, batch 256, SGD at lr 0.03 per 256 images, weight decay 1e-4, 200 epochs with the
-learning rate divided by 10 at epochs 120 and 160, K 65536, m 0.999, tau 0.07, 128-d keys.
+the authors' CIFAR-10 demonstration. Defaults follow the authors' ImageNet code (main_moco.py).
+They are ResNet-50, batch 256, SGD at lr 0.03 per 256 images and weight decay 1e-4, and 200
+epochs with the learning rate divided by 10 at epochs 120 and 160. K is 65536, m 0.999, tau 0.07,
+and the keys have 128 dimensions.
 --v2 selects MoCo v2: MLP head, stronger augmentation, cosine schedule, tau 0.2.
 
 Run:
