@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 import common
+import dcl
 import eval_linear
 import moco
 import simclr
@@ -195,7 +196,7 @@ def test_peak_lr_independent_of_processes(pretrained_run, two_process_run):
 
 
 @pytest.mark.parametrize("script, args_type", [("simclr.py", simclr.Args), ("moco.py", moco.Args),
-                                               ("eval_linear.py", eval_linear.Args)])
+                                               ("dcl.py", dcl.Args), ("eval_linear.py", eval_linear.Args)])
 def test_help_lists_every_flag(script, args_type):
     result = run_script(script, "--help")
     assert result.returncode == 0, describe_failure(result)

@@ -1,0 +1,385 @@
+"""DCL: SimCLR with the decoupled contrastive loss, and its weighted variant DCLW.
+
+Paper: Yeh, Hong, Hsu, Liu, Chen and LeCun, "Decoupled Contrastive Learning", ECCV 2022
+(arXiv:2110.06848). Reference implementation: DCLLoss and DCLWLoss in lightly
+(lightly/loss/dcl_loss.py).
+
+This file implements DCL pretraining. Everything except the loss is SimCLR's, and `diff simclr.py
+dcl.py` shows the difference. Each image gets two views from one random augmentation; a ResNet f
+maps each view to a representation h, and a 2-layer MLP g maps h to z. NT-Xent keeps the positive
+pair in its denominator, which couples the gradient of every negative to how well the positive is
+already matched (the paper's negative-positive coupling). The DCL loss drops the positive from the
+denominator, so each view is pulled towards its partner and pushed from the other 2B-2 views
+separately. DCLW (--weighted) also weights each positive term by a negative von Mises-Fisher
+weight, larger for pairs that are still far apart. Negatives are gathered from every process with
+gradient, so W processes of N images compute the loss and gradients of one process of W*N images.
+The defaults are those of simclr.py (the SimCLR authors' CIFAR-10 command) except for the batch,
+the epochs and tau. In the help texts, "the paper" and "the authors" without a name mean SimCLR's,
+whose set-up DCL keeps; the sources of DCL's own settings are named.
+
+Run:
+    python dcl.py                                          # one GPU, or the CPU
+    python dcl.py --weighted                               # DCLW
+    torchrun --nproc_per_node=8 dcl.py                     # eight GPUs on one node
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        --rdzv_id=dcl dcl.py                               # the same command on each of two nodes
+    python eval_linear.py --checkpoint runs/<run>/checkpoint.pt
+Offline, with images in class folders (DATA_DIR/train/<class>/<image>, DATA_DIR/test/...):
+    python dcl.py --dataset folder --data-dir DATA_DIR
+
+Shapes: N images per process, W processes, B = W*N global batch, D projection width (128),
+F backbone feature width (512 for ResNet-18, 2048 for ResNet-50).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+
+METHOD = "dcl"
+
+
+@dataclass
+class Args:
+    # Data and run
+    dataset: common.DatasetName = "cifar10"
+    """dataset: cifar10, cifar100, stl10 (pretrains on train+unlabeled) or folder (ImageFolder at DATA_DIR/train, evaluated on DATA_DIR/val or DATA_DIR/test)"""
+    data_dir: str = "data"
+    """dataset folder: torchvision's download root for cifar10/cifar100/stl10, or the folder that contains train/ for `folder`"""
+    image_size: Optional[int] = None
+    """side of the training crops in pixels. Unset: 32 for CIFAR, 96 for STL-10, and for `folder` the first image's side when it is 64 or less, else 224"""
+    output_dir: Optional[str] = None
+    """run folder for checkpoint.pt, backbone.pt, metrics.jsonl and args.json. Unset: the resumed checkpoint's folder, else runs/dcl-<dataset>-<arch>-<time>"""
+    resume: Optional[str] = None
+    """checkpoint.pt to continue from: model, optimiser, scaler, step, data order and random states are restored. Only --max-steps, --data-dir, --output-dir, --workers, --precision, --compile, --channels-last, --sync-bn and the logging and checkpoint intervals may differ from the original run"""
+    overwrite: bool = False
+    """allow starting a new run in an --output-dir that already contains a checkpoint"""
+    seed: int = 0
+    """random seed; process r uses seed + r"""
+    workers: Optional[int] = None
+    """data-loading processes per training process (0 loads in the training process). Unset: this node's CPUs divided by its processes, at most 8. Each worker draws its own augmentation seed, so the random crops and jitter of a seed depend on this number"""
+    log_every: int = 10
+    """print and record loss, learning rate and throughput every this many optimiser steps"""
+    knn_every: int = 10
+    """run the kNN monitor (k=200, T=0.1) every this many epochs and at the end; 0 disables it"""
+    checkpoint_every: int = 1
+    """write checkpoint.pt every this many epochs and at the end"""
+    max_steps: Optional[int] = None
+    """stop once this many optimiser steps have been taken in total (the schedule still spans --epochs); for smoke tests and benchmarks"""
+    precision: common.Precision = "auto"
+    """autocast precision: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 (with a gradient scaler) or fp32. bf16 and fp16 are slow on CPUs without native support"""
+    compile: bool = False
+    """compile the model with torch.compile"""
+    channels_last: bool = True
+    """keep images and activations in channels-last (NHWC) memory layout, which convolutions run faster in on recent GPUs and on x86 CPUs"""
+    sync_bn: bool = True
+    """synchronise BatchNorm statistics across processes (authors' code: global_bn=True); needs CUDA when there is more than one process"""
+
+    # Model
+    arch: common.ResNetArch = "resnet18"
+    """backbone f, a torchvision ResNet (authors' CIFAR-10 command: ResNet-18; paper appendix B.9: ResNet-50); images of 64 px or less get the CIFAR stem"""
+    projection_dim: int = 128
+    """output width of the projection head g (paper: 128); its hidden width equals the backbone's feature width"""
+    head_bn: bool = True
+    """BatchNorm in the projection head, as in the authors' code (the paper's g(h) = W2 ReLU(W1 h) has none)"""
+
+    # Loss and optimisation
+    temperature: float = 0.1
+    """tau of the DCL loss (lightly's DCLLoss and DCLWLoss: 0.1; SimCLR's CIFAR-10 command uses 0.5 with NT-Xent)"""
+    weighted: bool = False
+    """DCLW: multiply each positive term by the negative von Mises-Fisher weight w_i, computed as lightly's DCLWLoss does"""
+    sigma: float = 0.5
+    """sigma of the DCLW weights w_i = 2 - B * softmax_i(sim(u_i, v_i) / sigma), used with --weighted (lightly's DCLWLoss: 0.5)"""
+    batch_size: int = 256
+    """global batch size B in images, split evenly over the processes (DCL abstract: 256, on ImageNet; SimCLR's CIFAR-10 command: 512)"""
+    epochs: int = 200
+    """pretraining epochs (DCL abstract: 200, on ImageNet; SimCLR's CIFAR-10 command: 1000)"""
+    optimizer: Literal["lars", "sgd"] = "lars"
+    """lars (paper, trust coefficient 0.001, biases and BatchNorm excluded) or sgd with momentum"""
+    lr: float = 1.0
+    """base learning rate, scaled by --lr-scaling (authors' CIFAR-10 command: 1.0 per 256 images, linear)"""
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
+    """peak learning rate = lr * B/256 (linear) or lr * sqrt(B) (sqrt, which the paper prefers for small batches, with lr 0.075 on ImageNet)"""
+    weight_decay: float = 1e-4
+    """L2 weight decay (authors' CIFAR-10 command: 1e-4; paper's ImageNet default: 1e-6)"""
+    momentum: float = 0.9
+    """optimiser momentum (authors' code: 0.9)"""
+    warmup_epochs: float = 10
+    """epochs of linear learning-rate warm-up before the cosine decay (paper and authors' code: 10)"""
+    color_jitter_strength: Optional[float] = None
+    """colour-distortion strength s. Unset: 0.5 for images of 64 px or less (authors' CIFAR-10 command) and 1.0 otherwise (paper). Gaussian blur is used only for images larger than 64 px"""
+
+
+def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequential:
+    """Build the projection head g(h) = W2 ReLU(W1 h) of SimCLR v1 (paper section 2.1).
+
+    With `batch_norm`, as in the authors' code (model_util.projection_head): each linear layer is
+    followed by BatchNorm instead of a bias, and the last BatchNorm has a scale but no shift.
+    """
+    if not batch_norm:
+        return nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim, bias=False),
+        )
+    out_bn = nn.BatchNorm1d(out_dim)
+    out_bn.bias.requires_grad_(False)  # TensorFlow's center=False: the shift stays at 0
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False),
+        out_bn,
+    )
+
+
+class SimCLR(nn.Module):
+    """Backbone f and projection head g: z = g(f(x)). The representation h = f(x) is what is
+    evaluated downstream; z is used only by the loss."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 128, head_bn: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projection_head(feature_dim, feature_dim, projection_dim, head_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(x)  # (2N, F)
+        return self.projector(h)  # (2N, D)
+
+
+def dclw_weights(pair_similarity: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Compute DCLW's negative von Mises-Fisher weights of the B images of the global batch:
+        w_i = 2 - exp(s_i/sigma) / ((1/B) sum_j exp(s_j/sigma)) = 2 - B * softmax(s/sigma)_i,
+    where s_i = sim(u_i, v_i) is the cosine similarity of image i's two views. The weights average
+    exactly 1; a pair that is less similar than the batch's pairs typically are gets a weight of up
+    to 2, and a very similar pair can get a negative one.
+
+    pair_similarity: (B,) the similarities s of the whole global batch, in any order.
+    """
+    return 2 - pair_similarity.shape[0] * torch.softmax(pair_similarity / sigma, dim=0)
+
+
+def dcl_loss(z: torch.Tensor, z_all: torch.Tensor, tau: float, offset: int = 0,
+             sigma: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DCL loss (DCLW when `sigma` is given), averaged over the anchors in `z`.
+
+    z:      (2N, D) this process's projections; row i and row i+N are the two views of image i.
+    z_all:  (2B, D) the projections of every process, concatenated in rank order, with gradient
+            (`z_all` is `z` in a single process).
+    offset: row of `z_all` that contains z[0], that is rank * 2N.
+    sigma:  None for DCL; for DCLW, the sigma of the weights w_i (see dclw_weights).
+
+    For anchor i with positive p(i), using cosine similarity sim:
+        l_i = -w_i sim(i, p(i))/tau + log sum_{k not in {i, p(i)}} exp(sim(i, k)/tau),
+    where k runs over the 2B-2 views of the other images, both views in one sum, and w_i = 1
+    for DCL. Unlike NT-Xent, the positive is left out of the denominator. The weights are computed
+    from detached similarities, so they are constants for the gradient, as in lightly's
+    DCLWLoss. Returns the loss and the contrastive accuracy: the fraction of anchors whose most
+    similar other view is their positive, as in simclr.nt_xent.
+    """
+    two_n = z.shape[0]
+    rows = torch.arange(two_n, device=z.device)
+    positive = offset + (rows + two_n // 2) % two_n  # column of p(i) in z_all
+    self_mask = F.one_hot(offset + rows, z_all.shape[0]).bool()  # (2N, 2B)
+    positive_mask = F.one_hot(positive, z_all.shape[0]).bool()  # (2N, 2B)
+    # Similarities in float32 even under autocast: exp(1/tau) overflows fp16 for small tau.
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=1)
+        z_all = F.normalize(z_all.float(), dim=1)
+        logits = z @ z_all.T / tau  # (2N, 2B)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        l_pos = logits.gather(1, positive[:, None]).squeeze(1)  # (2N,)
+        l_neg = torch.logsumexp(logits.masked_fill(positive_mask, float("-inf")), dim=1)  # (2N,)
+        if sigma is None:
+            loss = (l_neg - l_pos).mean()
+        else:
+            # Every rank computes the weights of the whole global batch, so that the softmax runs
+            # over B pairs as in one process. z_all holds, per rank, N first views then N second views.
+            views = z_all.detach().reshape(-1, 2, two_n // 2, z_all.shape[1])  # (W, 2, N, D)
+            w_all = dclw_weights((views[:, 0] * views[:, 1]).sum(dim=2).flatten(), sigma)  # (B,)
+            w = w_all[offset // 2 : offset // 2 + two_n // 2].repeat(2)  # (2N,): both views of image i share w_i
+            loss = (l_neg - w * l_pos).mean()
+    accuracy = (logits.detach().argmax(dim=1) == positive).float().mean()
+    return loss, accuracy
+
+
+def main(args: Args) -> None:
+    # Processes, batch split and input checks, all before any work starts.
+    env = common.read_dist_env()
+    common.validate_training_args(args)
+    common.check_positive(temperature=args.temperature, sigma=args.sigma, projection_dim=args.projection_dim)
+    batch_per_process = common.per_process_batch(args.batch_size, env.world_size)  # N
+    if env.distributed and args.sync_bn and env.device.type != "cuda":
+        raise common.ConfigError(
+            "--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU implementation); pass "
+            "--no-sync-bn to train on several CPU processes with per-process BatchNorm"
+        )
+    info = common.describe_dataset(args.dataset, args.data_dir, args.image_size)
+    strength = args.color_jitter_strength
+    if strength is None:
+        strength = 0.5 if info.small_images else 1.0
+    elif not 0 <= strength <= 2.5:
+        # Hue jitter is 0.2*s, and torchvision's ColorJitter accepts hue factors up to 0.5.
+        raise common.ConfigError(f"--color-jitter-strength {strength} must be between 0 and 2.5 "
+                                 f"(paper: 1.0 on ImageNet; authors' CIFAR-10 command: 0.5)")
+    blur = not info.small_images
+    workers = args.workers if args.workers is not None else common.default_workers(env)
+    precision = common.resolve_precision(args.precision, env.device)
+    resolved = dataclasses.replace(args, data_dir=info.root, image_size=info.image_size,
+                                   color_jitter_strength=strength, workers=workers, precision=precision)
+    state = common.load_checkpoint(args.resume, METHOD) if args.resume is not None else None
+
+    common.init_distributed(env)
+    common.seed_everything(args.seed + env.rank)
+
+    # Data: two views of every image, per-process batches of N images.
+    common.prepare_download(info, env)
+    augmentation = common.simclr_augmentation(info.image_size, info.mean, info.std, strength, blur)
+    dataset = common.pretrain_dataset(info, common.TwoViews(augmentation))
+    loader, sampler = common.pretrain_loader(dataset, batch_per_process, workers, env, args.seed)
+    steps_per_epoch = len(dataset) // args.batch_size
+    if state is not None:
+        # Before the batch check, so a resume with other flags names the flags that differ.
+        common.check_resume(state, resolved, steps_per_epoch, args.resume)
+    if steps_per_epoch == 0:
+        raise common.ConfigError(
+            f"the dataset has {len(dataset)} images, fewer than one global batch of "
+            f"--batch-size {args.batch_size}; use a smaller batch"
+        )
+    knn_sets = common.knn_datasets(info, args.knn_every, env)
+    output_dir = common.resolve_output_dir(args.output_dir, args.resume, METHOD, info, args.arch)
+    common.prepare_output_dir(output_dir, args.resume, args.overwrite, env,
+                              resume_step=state["step"] if state is not None else None)
+    resolved = dataclasses.replace(resolved, output_dir=output_dir)
+
+    # Schedule, counted in optimiser steps.
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    stop_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+    peak_lr = common.scale_lr(args.lr, args.batch_size, args.lr_scaling)
+
+    # Model, optimiser, gradient scaler.
+    # Residual blocks start as the identity (last BatchNorm scale 0), as in the authors' ResNet code.
+    backbone, feature_dim = common.build_backbone(args.arch, cifar_stem=info.small_images, zero_init_residual=True)
+    model = SimCLR(backbone, feature_dim, args.projection_dim, args.head_bn).to(env.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    if env.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = common.build_optimizer(args.optimizer, model, peak_lr, args.momentum, args.weight_decay)
+    scaler = common.make_grad_scaler(precision, env.device)
+    step = 0
+    if state is not None:
+        step = common.restore_training_state(state, model, optimizer, scaler, env)
+    train_model = torch.compile(model) if args.compile else model
+    if env.distributed:
+        train_model = DDP(train_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    if step >= stop_step:
+        if env.is_main:
+            print(f"{args.resume} is at step {step}, where this run stops (--epochs or --max-steps); "
+                  f"nothing to do")
+        common.cleanup_distributed()
+        return
+    if env.is_main:
+        derived = dict(world_size=env.world_size, batch_per_process=batch_per_process, peak_lr=peak_lr,
+                       steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
+                       stop_step=stop_step, blur=blur, cifar_stem=info.small_images, device=str(env.device),
+                       normalization_mean=info.mean, normalization_std=info.std)
+        common.write_args_json(output_dir, resolved, derived)
+        loss_name = f"DCLW, sigma {args.sigma}" if args.weighted else "DCL"
+        print(f"dcl: {args.arch} on {info.name} ({len(dataset)} images of {info.image_size} px, "
+              f"colour strength {strength}, blur {blur}) -> {output_dir}")
+        print(f"loss {loss_name}, tau {args.temperature}")
+        print(f"processes {env.world_size} on {env.device} | batch {args.batch_size} global, "
+              f"{batch_per_process} per process | lr {args.lr} base, {peak_lr:.4g} peak ({args.lr_scaling} "
+              f"scaling) | {precision} | loader workers per process: {workers}")
+        print(f"steps: {steps_per_epoch} per epoch, {warmup_steps} warm-up, {total_steps} in the "
+              f"schedule, stopping at {stop_step}; starting at step {step}")
+
+    model.train()
+    interval_start, interval_step = time.perf_counter(), step
+    last_finite = (None, None)  # (step, loss) of the last finite logged loss
+    checkpoint_step = state["step"] if state is not None else None
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step >= stop_step:
+            break
+        sampler.set_epoch(epoch)
+        sampler.skip = (step - epoch * steps_per_epoch) * batch_per_process
+        for (x1, x2), _ in loader:
+            # Learning rate: linear warm-up, then cosine decay, set every step.
+            lr = common.warmup_cosine_lr(step, total_steps, warmup_steps, peak_lr)
+            common.set_lr(optimizer, lr)
+
+            # Forward: both views in one batch, so BatchNorm normalises over all 2N views, as in the authors' code.
+            x = torch.cat([x1, x2]).to(env.device, memory_format=memory_format, non_blocking=True)  # (2N, 3, H, W)
+            with common.autocast(env.device, precision):
+                z = train_model(x)  # (2N, D)
+            z_all = common.gather_with_grad(z)  # (2B, D)
+            loss, accuracy = dcl_loss(z, z_all, args.temperature, offset=env.rank * z.shape[0],
+                                      sigma=args.sigma if args.weighted else None)
+
+            # Backward and update; DDP averages the gradients over processes.
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            step += 1
+
+            # Log the loss averaged over processes, learning rate, throughput and ETA.
+            if step % args.log_every == 0 or step == stop_step:
+                loss_value = common.all_reduce_mean(loss).item()
+                accuracy_value = common.all_reduce_mean(accuracy).item()
+                common.check_finite_loss(loss_value, step, lr, last_finite, checkpoint_step, output_dir)
+                last_finite = (step, loss_value)
+                elapsed = time.perf_counter() - interval_start
+                seconds_per_step = elapsed / (step - interval_step)
+                if env.is_main:
+                    common.log_metrics({
+                        "epoch": epoch, "step": step, "loss": loss_value, "contrast_acc": accuracy_value,
+                        "lr": lr, "img_per_s": args.batch_size / seconds_per_step,
+                        "eta_s": seconds_per_step * (stop_step - step),
+                    }, metrics_path)
+                interval_start, interval_step = time.perf_counter(), step
+            if step >= stop_step:
+                break
+
+        # kNN monitor and checkpoint at the end of an epoch, and when the run stops.
+        epoch_done = step == (epoch + 1) * steps_per_epoch
+        if knn_sets is not None and (step == stop_step or (epoch_done and (epoch + 1) % args.knn_every == 0)):
+            knn = common.knn_monitor(model.backbone, *knn_sets, 2 * batch_per_process, workers, env, precision,
+                                     memory_format)
+            if env.is_main:
+                common.log_metrics({"epoch": epoch, "step": step, "knn_top1": knn}, metrics_path)
+        if step == stop_step or (epoch_done and (epoch + 1) % args.checkpoint_every == 0):
+            common.save_checkpoint(
+                os.path.join(output_dir, "checkpoint.pt"), method=METHOD, args=resolved, info=info,
+                arch=args.arch, cifar_stem=info.small_images, feature_dim=feature_dim, step=step, epoch=epoch,
+                steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer, scaler=scaler, env=env,
+            )
+            checkpoint_step = step
+        interval_start, interval_step = time.perf_counter(), step
+
+    if env.is_main:
+        print(f"done at step {step}: {os.path.join(output_dir, 'checkpoint.pt')}")
+        print(f"score it with: python eval_linear.py --checkpoint {os.path.join(output_dir, 'checkpoint.pt')}")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_cli(main, Args)
