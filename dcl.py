@@ -1,8 +1,8 @@
 """DCL: SimCLR with the decoupled contrastive loss, and its weighted variant DCLW.
 
 Paper: Yeh, Hong, Hsu, Liu, Chen and LeCun, "Decoupled Contrastive Learning", ECCV 2022
-(arXiv:2110.06848). Reference implementation: DCLLoss and DCLWLoss in lightly
-(lightly/loss/dcl_loss.py).
+(arXiv:2110.06848). Public implementations: lightly's DCLLoss and DCLWLoss
+(lightly/loss/dcl_loss.py) and the port in raminnakhli/Decoupled-Contrastive-Learning.
 
 This file implements DCL pretraining. Everything except the loss is SimCLR's, and `diff simclr.py
 dcl.py` shows the difference. Each image gets two views from one random augmentation; a ResNet f
@@ -12,10 +12,9 @@ already matched (the paper's negative-positive coupling). The DCL loss drops the
 denominator, so each view is pulled towards its partner and pushed from the other 2B-2 views
 separately. DCLW (--weighted) also weights each positive term by a negative von Mises-Fisher
 weight, larger for pairs that are still far apart. Negatives are gathered from every process with
-gradient, so W processes of N images compute the loss and gradients of one process of W*N images.
-The defaults are those of simclr.py (the SimCLR authors' CIFAR-10 command) except for the batch,
-the epochs and tau. In the help texts, "the paper" and "the authors" without a name mean SimCLR's,
-whose set-up DCL keeps; the sources of DCL's own settings are named.
+gradient, so W processes of N images compute the loss and gradients of one process of W*N images
+(BatchNorm statistics match as well with --sync-bn, which needs CUDA). The defaults are those of
+simclr.py (the SimCLR authors' CIFAR-10 command) except for the batch, the epochs and tau.
 
 Run:
     python dcl.py                                          # one GPU, or the CPU
@@ -34,6 +33,7 @@ F backbone feature width (512 for ResNet-18, 2048 for ResNet-50).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -83,41 +83,41 @@ class Args:
     channels_last: bool = True
     """keep images and activations in channels-last (NHWC) memory layout, which convolutions run faster in on recent GPUs and on x86 CPUs"""
     sync_bn: bool = True
-    """synchronise BatchNorm statistics across processes (authors' code: global_bn=True); needs CUDA when there is more than one process"""
+    """synchronise BatchNorm statistics across processes (SimCLR authors' code: global_bn=True); needs CUDA when there is more than one process"""
 
     # Model
     arch: common.ResNetArch = "resnet18"
-    """backbone f, a torchvision ResNet (authors' CIFAR-10 command: ResNet-18; paper appendix B.9: ResNet-50); images of 64 px or less get the CIFAR stem"""
+    """backbone f, a torchvision ResNet (SimCLR authors' CIFAR-10 command: ResNet-18; SimCLR paper appendix B.9: ResNet-50); images of 64 px or less get the CIFAR stem"""
     projection_dim: int = 128
-    """output width of the projection head g (paper: 128); its hidden width equals the backbone's feature width"""
+    """output width of the projection head g (SimCLR paper: 128); its hidden width equals the backbone's feature width"""
     head_bn: bool = True
-    """BatchNorm in the projection head, as in the authors' code (the paper's g(h) = W2 ReLU(W1 h) has none)"""
+    """BatchNorm in the projection head, as in the SimCLR authors' code (the SimCLR paper's g(h) = W2 ReLU(W1 h) has none)"""
 
     # Loss and optimisation
     temperature: float = 0.1
-    """tau of the DCL loss (lightly's DCLLoss and DCLWLoss: 0.1; SimCLR's CIFAR-10 command uses 0.5 with NT-Xent)"""
+    """tau of the DCL loss (raminnakhli's DCL port, which computes this loss, and lightly's DCLLoss: 0.1; the SimCLR authors' CIFAR-10 command uses 0.5 with NT-Xent)"""
     weighted: bool = False
-    """DCLW: multiply each positive term by the negative von Mises-Fisher weight w_i, computed as lightly's DCLWLoss does"""
-    sigma: float = 0.5
-    """sigma of the DCLW weights w_i = 2 - B * softmax_i(sim(u_i, v_i) / sigma), used with --weighted (lightly's DCLWLoss: 0.5)"""
+    """DCLW: multiply each positive term by the negative von Mises-Fisher weight w_i (see --sigma), a constant for the gradient as in lightly's DCLWLoss"""
+    sigma: Optional[float] = None
+    """sigma of the DCLW weights w_i = 2 - B * softmax_i(sim(u_i, v_i) / sigma); only with --weighted. Unset: 0.5 (lightly's DCLWLoss and raminnakhli's DCL port)"""
     batch_size: int = 256
-    """global batch size B in images, split evenly over the processes (DCL abstract: 256, on ImageNet; SimCLR's CIFAR-10 command: 512)"""
+    """global batch size B in images, split evenly over the processes (DCL abstract: 256, on ImageNet; SimCLR authors' CIFAR-10 command: 512)"""
     epochs: int = 200
-    """pretraining epochs (DCL abstract: 200, on ImageNet; SimCLR's CIFAR-10 command: 1000)"""
+    """pretraining epochs (DCL abstract: 200, on ImageNet; SimCLR authors' CIFAR-10 command: 1000)"""
     optimizer: Literal["lars", "sgd"] = "lars"
-    """lars (paper, trust coefficient 0.001, biases and BatchNorm excluded) or sgd with momentum"""
+    """lars (SimCLR paper, trust coefficient 0.001, biases and BatchNorm excluded) or sgd with momentum"""
     lr: float = 1.0
-    """base learning rate, scaled by --lr-scaling (authors' CIFAR-10 command: 1.0 per 256 images, linear)"""
+    """base learning rate, scaled by --lr-scaling (SimCLR authors' CIFAR-10 command: 1.0 per 256 images, linear)"""
     lr_scaling: Literal["linear", "sqrt"] = "linear"
-    """peak learning rate = lr * B/256 (linear) or lr * sqrt(B) (sqrt, which the paper prefers for small batches, with lr 0.075 on ImageNet)"""
+    """peak learning rate = lr * B/256 (linear) or lr * sqrt(B) (sqrt, which the SimCLR paper prefers for small batches, with lr 0.075 on ImageNet)"""
     weight_decay: float = 1e-4
-    """L2 weight decay (authors' CIFAR-10 command: 1e-4; paper's ImageNet default: 1e-6)"""
+    """L2 weight decay (SimCLR authors' CIFAR-10 command: 1e-4; SimCLR paper's ImageNet default: 1e-6)"""
     momentum: float = 0.9
-    """optimiser momentum (authors' code: 0.9)"""
+    """optimiser momentum (SimCLR authors' code: 0.9)"""
     warmup_epochs: float = 10
-    """epochs of linear learning-rate warm-up before the cosine decay (paper and authors' code: 10)"""
+    """epochs of linear learning-rate warm-up before the cosine decay (SimCLR paper and authors' code: 10)"""
     color_jitter_strength: Optional[float] = None
-    """colour-distortion strength s. Unset: 0.5 for images of 64 px or less (authors' CIFAR-10 command) and 1.0 otherwise (paper). Gaussian blur is used only for images larger than 64 px"""
+    """colour-distortion strength s. Unset: 0.5 for images of 64 px or less (SimCLR authors' CIFAR-10 command) and 1.0 otherwise (SimCLR paper). Gaussian blur is used only for images larger than 64 px"""
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequential:
@@ -184,10 +184,14 @@ def dcl_loss(z: torch.Tensor, z_all: torch.Tensor, tau: float, offset: int = 0,
     where k runs over the 2B-2 views of the other images, both views in one sum, and w_i = 1
     for DCL. Unlike NT-Xent, the positive is left out of the denominator. The weights are computed
     from detached similarities, so they are constants for the gradient, as in lightly's
-    DCLWLoss. Returns the loss and the contrastive accuracy: the fraction of anchors whose most
+    DCLWLoss. Raises ValueError unless z has an even number of rows, z_all a multiple of it, and
+    z_all at least 4 rows. Returns the loss and the contrastive accuracy: the fraction of anchors whose most
     similar other view is their positive, as in simclr.nt_xent.
     """
     two_n = z.shape[0]
+    if two_n % 2 or z_all.shape[0] % two_n or z_all.shape[0] < 4:
+        raise ValueError(f"dcl_loss needs z of 2N rows and z_all of W*2N rows with at least 2 images in all, "
+                         f"so that every view has a negative; got z {tuple(z.shape)} and z_all {tuple(z_all.shape)}")
     rows = torch.arange(two_n, device=z.device)
     positive = offset + (rows + two_n // 2) % two_n  # column of p(i) in z_all
     self_mask = F.one_hot(offset + rows, z_all.shape[0]).bool()  # (2N, 2B)
@@ -217,7 +221,15 @@ def main(args: Args) -> None:
     # Processes, batch split and input checks, all before any work starts.
     env = common.read_dist_env()
     common.validate_training_args(args)
-    common.check_positive(temperature=args.temperature, sigma=args.sigma, projection_dim=args.projection_dim)
+    common.check_positive(temperature=args.temperature, projection_dim=args.projection_dim)
+    if args.sigma is not None and not args.weighted:
+        raise common.ConfigError(f"--sigma {args.sigma} sets the DCLW weights, which only --weighted uses; "
+                                 f"add --weighted, or leave --sigma out for DCL")
+    sigma = None  # of the DCLW weights; None selects DCL
+    if args.weighted:
+        sigma = 0.5 if args.sigma is None else args.sigma  # lightly's DCLWLoss: 0.5
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise common.ConfigError(f"--sigma {sigma} must be a positive finite number (default 0.5)")
     batch_per_process = common.per_process_batch(args.batch_size, env.world_size)  # N
     if env.distributed and args.sync_bn and env.device.type != "cuda":
         raise common.ConfigError(
@@ -235,7 +247,7 @@ def main(args: Args) -> None:
     blur = not info.small_images
     workers = args.workers if args.workers is not None else common.default_workers(env)
     precision = common.resolve_precision(args.precision, env.device)
-    resolved = dataclasses.replace(args, data_dir=info.root, image_size=info.image_size,
+    resolved = dataclasses.replace(args, data_dir=info.root, image_size=info.image_size, sigma=sigma,
                                    color_jitter_strength=strength, workers=workers, precision=precision)
     state = common.load_checkpoint(args.resume, METHOD) if args.resume is not None else None
 
@@ -298,7 +310,7 @@ def main(args: Args) -> None:
                        stop_step=stop_step, blur=blur, cifar_stem=info.small_images, device=str(env.device),
                        normalization_mean=info.mean, normalization_std=info.std)
         common.write_args_json(output_dir, resolved, derived)
-        loss_name = f"DCLW, sigma {args.sigma}" if args.weighted else "DCL"
+        loss_name = f"DCLW, sigma {sigma}" if args.weighted else "DCL"
         print(f"dcl: {args.arch} on {info.name} ({len(dataset)} images of {info.image_size} px, "
               f"colour strength {strength}, blur {blur}) -> {output_dir}")
         print(f"loss {loss_name}, tau {args.temperature}")
@@ -328,7 +340,7 @@ def main(args: Args) -> None:
                 z = train_model(x)  # (2N, D)
             z_all = common.gather_with_grad(z)  # (2B, D)
             loss, accuracy = dcl_loss(z, z_all, args.temperature, offset=env.rank * z.shape[0],
-                                      sigma=args.sigma if args.weighted else None)
+                                      sigma=sigma)
 
             # Backward and update; DDP averages the gradients over processes.
             optimizer.zero_grad(set_to_none=True)

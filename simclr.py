@@ -78,37 +78,37 @@ class Args:
     channels_last: bool = True
     """keep images and activations in channels-last (NHWC) memory layout, which convolutions run faster in on recent GPUs and on x86 CPUs"""
     sync_bn: bool = True
-    """synchronise BatchNorm statistics across processes (authors' code: global_bn=True); needs CUDA when there is more than one process"""
+    """synchronise BatchNorm statistics across processes (SimCLR authors' code: global_bn=True); needs CUDA when there is more than one process"""
 
     # Model
     arch: common.ResNetArch = "resnet18"
-    """backbone f, a torchvision ResNet (authors' CIFAR-10 command: ResNet-18; paper appendix B.9: ResNet-50); images of 64 px or less get the CIFAR stem"""
+    """backbone f, a torchvision ResNet (SimCLR authors' CIFAR-10 command: ResNet-18; SimCLR paper appendix B.9: ResNet-50); images of 64 px or less get the CIFAR stem"""
     projection_dim: int = 128
-    """output width of the projection head g (paper: 128); its hidden width equals the backbone's feature width"""
+    """output width of the projection head g (SimCLR paper: 128); its hidden width equals the backbone's feature width"""
     head_bn: bool = True
-    """BatchNorm in the projection head, as in the authors' code (the paper's g(h) = W2 ReLU(W1 h) has none)"""
+    """BatchNorm in the projection head, as in the SimCLR authors' code (the SimCLR paper's g(h) = W2 ReLU(W1 h) has none)"""
 
     # Loss and optimisation
     temperature: float = 0.5
-    """tau of NT-Xent (authors' CIFAR-10 command: 0.5; paper's ImageNet default: 0.1)"""
+    """tau of NT-Xent (SimCLR authors' CIFAR-10 command: 0.5; SimCLR paper's ImageNet default: 0.1)"""
     batch_size: int = 512
-    """global batch size B in images, split evenly over the processes (authors' CIFAR-10 command: 512)"""
+    """global batch size B in images, split evenly over the processes (SimCLR authors' CIFAR-10 command: 512)"""
     epochs: int = 1000
-    """pretraining epochs (authors' CIFAR-10 command: 1000)"""
+    """pretraining epochs (SimCLR authors' CIFAR-10 command: 1000)"""
     optimizer: Literal["lars", "sgd"] = "lars"
-    """lars (paper, trust coefficient 0.001, biases and BatchNorm excluded) or sgd with momentum"""
+    """lars (SimCLR paper, trust coefficient 0.001, biases and BatchNorm excluded) or sgd with momentum"""
     lr: float = 1.0
-    """base learning rate, scaled by --lr-scaling (authors' CIFAR-10 command: 1.0 per 256 images, linear)"""
+    """base learning rate, scaled by --lr-scaling (SimCLR authors' CIFAR-10 command: 1.0 per 256 images, linear)"""
     lr_scaling: Literal["linear", "sqrt"] = "linear"
-    """peak learning rate = lr * B/256 (linear) or lr * sqrt(B) (sqrt, which the paper prefers for small batches, with lr 0.075 on ImageNet)"""
+    """peak learning rate = lr * B/256 (linear) or lr * sqrt(B) (sqrt, which the SimCLR paper prefers for small batches, with lr 0.075 on ImageNet)"""
     weight_decay: float = 1e-4
-    """L2 weight decay (authors' CIFAR-10 command: 1e-4; paper's ImageNet default: 1e-6)"""
+    """L2 weight decay (SimCLR authors' CIFAR-10 command: 1e-4; SimCLR paper's ImageNet default: 1e-6)"""
     momentum: float = 0.9
-    """optimiser momentum (authors' code: 0.9)"""
+    """optimiser momentum (SimCLR authors' code: 0.9)"""
     warmup_epochs: float = 10
-    """epochs of linear learning-rate warm-up before the cosine decay (paper and authors' code: 10)"""
+    """epochs of linear learning-rate warm-up before the cosine decay (SimCLR paper and authors' code: 10)"""
     color_jitter_strength: Optional[float] = None
-    """colour-distortion strength s. Unset: 0.5 for images of 64 px or less (authors' CIFAR-10 command) and 1.0 otherwise (paper). Gaussian blur is used only for images larger than 64 px"""
+    """colour-distortion strength s. Unset: 0.5 for images of 64 px or less (SimCLR authors' CIFAR-10 command) and 1.0 otherwise (SimCLR paper). Gaussian blur is used only for images larger than 64 px"""
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int, batch_norm: bool) -> nn.Sequential:

@@ -237,3 +237,10 @@ def test_weights_use_global_batch():
     local = [dcl_loss(z_all[r * 2 * n : (r + 1) * 2 * n], z_all[r * 2 * n : (r + 1) * 2 * n], tau, sigma=sigma)[0]
              for r in range(world_size)]
     assert local[0].item() != pytest.approx(halves[0].item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("rows, all_rows", [(5, 5), (4, 6), (2, 2)], ids=["odd", "not a multiple", "one image"])
+def test_bad_shapes_rejected(rows, all_rows):
+    z_all = torch.randn(all_rows, 3)
+    with pytest.raises(ValueError, match="dcl_loss needs z of 2N rows"):
+        dcl_loss(z_all[:rows], z_all, 0.5)

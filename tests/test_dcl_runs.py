@@ -82,7 +82,7 @@ def test_args_json_records_loss(straight_run):
     args = read_args(straight_run[0])
     weighted = bool(straight_run[2])
     assert args["weighted"] is weighted
-    assert args["sigma"] == 0.5
+    assert args["sigma"] == (0.5 if weighted else None)
     assert args["temperature"] == 0.1
     assert args["peak_lr"] == pytest.approx(common.scale_lr(1.0, 8, "linear"))
 
@@ -140,10 +140,12 @@ def test_eval_linear_scores_dcl(straight_run, tmp_path):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (("--sigma", "0"), "--sigma 0.0 must be a positive finite number"),
-    (("--sigma", "nan", "--weighted"), "--sigma nan must be a positive finite number"),
+    (("--sigma", "0", "--weighted"), "--sigma 0.0 must be a positive finite number (default 0.5)"),
+    (("--sigma", "nan", "--weighted"), "--sigma nan must be a positive finite number (default 0.5)"),
+    (("--sigma", "0.2"), "--sigma 0.2 sets the DCLW weights, which only --weighted uses; add --weighted, or "
+                         "leave --sigma out for DCL"),
     (("--temperature", "-0.1"), "--temperature -0.1 must be a positive finite number"),
-], ids=["sigma zero", "sigma nan", "temperature"])
+], ids=["sigma zero", "sigma nan", "sigma without weighted", "temperature"])
 def test_bad_flag_rejected(image_folder, tmp_path, extra, expected):
     result = run_script("dcl.py", *DCL_ARGS, "--data-dir", str(image_folder), "--output-dir", str(tmp_path / "out"),
                         *extra)
@@ -177,5 +179,5 @@ def test_help_names_symbols_and_units():
     assert result.returncode == 0, describe_failure(result)
     text = " ".join(result.stdout.split())
     for phrase in ("tau of the DCL loss", "sigma of the DCLW weights", "global batch size B in images",
-                   "--weighted", "--sigma", "lightly's DCLWLoss: 0.5"):
+                   "--weighted", "--sigma", "Unset: 0.5 (lightly's DCLWLoss"):
         assert phrase in text, f"--help lacks {phrase!r}"
