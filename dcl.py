@@ -5,7 +5,7 @@ Paper: Yeh, Hong, Hsu, Liu, Chen and LeCun, "Decoupled Contrastive Learning", EC
 (lightly/loss/dcl_loss.py) and the port in raminnakhli/Decoupled-Contrastive-Learning.
 
 This file implements DCL pretraining. Everything except the loss is SimCLR's, and `diff simclr.py
-dcl.py` shows the difference. Each image gets two views from one random augmentation; a ResNet f
+dcl.py` shows the difference. Each image gets two views from one random augmentation. A ResNet f
 maps each view to a representation h, and a 2-layer MLP g maps h to z. NT-Xent keeps the positive
 pair in its denominator, which couples the gradient of every negative to how well the positive is
 already matched (the paper's negative-positive coupling). The DCL loss drops the positive from the
