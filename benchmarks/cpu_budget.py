@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size of pretraining (default 128)")
     parser.add_argument("--arch", default="resnet18", help="backbone (default resnet18)")
     parser.add_argument("--method", choices=("simclr", "moco", "dcl"), default="simclr", help="method script to pretrain with (default simclr)")
-    parser.add_argument("--method-args", default="", help="further flags of the method script, one quoted string (for example \"--epochs 3 --warmup-epochs 0.1\")")
+    parser.add_argument("--method-args", default="", help="further flags of the method script, one quoted string (for example \"--epochs 3 --warmup-epochs 0.1\"); "
+                             "write a single flag with an equals sign, as in --method-args=--weighted, because argparse "
+                             "reads a lone value that starts with -- as an option")
     parser.add_argument("--min-knn", type=float, default=None, help="fail when the pretrained kNN top-1 is below this fraction")
     parser.add_argument("--min-knn-gain", type=float, default=None, help="fail when the pretrained kNN top-1 beats the random backbone by less than this")
     args = parser.parse_args()
