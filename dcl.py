@@ -161,8 +161,8 @@ def dclw_weights(pair_similarity: torch.Tensor, sigma: float) -> torch.Tensor:
     """Compute DCLW's negative von Mises-Fisher weights of the B images of the global batch:
         w_i = 2 - exp(s_i/sigma) / ((1/B) sum_j exp(s_j/sigma)) = 2 - B * softmax(s/sigma)_i,
     where s_i = sim(u_i, v_i) is the cosine similarity of image i's two views. The weights average
-    exactly 1; a pair that is less similar than the batch's pairs typically are gets a weight of up
-    to 2, and a very similar pair can get a negative one.
+    exactly 1. A pair whose views are far apart gets a weight of up to 2, and a pair much more
+    similar than the rest of the batch can get a negative weight.
 
     pair_similarity: (B,) the similarities s of the whole global batch, in any order.
     """
@@ -185,8 +185,8 @@ def dcl_loss(z: torch.Tensor, z_all: torch.Tensor, tau: float, offset: int = 0,
     for DCL. Unlike NT-Xent, the positive is left out of the denominator. The weights are computed
     from detached similarities, so they are constants for the gradient, as in lightly's
     DCLWLoss. Raises ValueError unless z has an even number of rows, z_all a multiple of it, and
-    z_all at least 4 rows. Returns the loss and the contrastive accuracy: the fraction of anchors whose most
-    similar other view is their positive, as in simclr.nt_xent.
+    z_all at least 4 rows. Returns the loss and the contrastive accuracy: the fraction of anchors
+    whose most similar other view is their positive, as in simclr.nt_xent.
     """
     two_n = z.shape[0]
     if two_n % 2 or z_all.shape[0] % two_n or z_all.shape[0] < 4:
