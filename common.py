@@ -150,12 +150,13 @@ def momentum_problem(momentum: float, allow_zero: bool = True) -> Optional[str]:
     return f"--momentum {momentum} must be between {lower} and 1 (exclusive); the usual value is 0.9"
 
 
-def validate_training_args(args: Any, optimizer_momentum: str = "momentum") -> None:
+def validate_training_args(args: Any, optimizer_momentum: Optional[str] = "momentum") -> None:
     """Raise ConfigError for values of the training flags that every method file shares and that
     cannot work, naming each flag and its value.
 
     `optimizer_momentum` is the field of the optimiser's momentum (MoCo's `--momentum` is the key
-    encoder's). `warmup_epochs` is checked only where the method has it.
+    encoder's), or None for an optimiser without one. `warmup_epochs` is checked only where the
+    method has it.
     """
     problems = []
     for name in ("epochs", "lr", "log_every", "checkpoint_every"):
@@ -168,7 +169,8 @@ def validate_training_args(args: Any, optimizer_momentum: str = "momentum") -> N
         value = getattr(args, name)
         if not (value >= 0 and math.isfinite(value)):
             problems.append(f"--{name.replace('_', '-')} {value} must be a finite number of 0 or more")
-    if (problem := momentum_problem(getattr(args, optimizer_momentum))) is not None:
+    problem = momentum_problem(getattr(args, optimizer_momentum)) if optimizer_momentum is not None else None
+    if problem is not None:
         problems.append(problem.replace("--momentum", f"--{optimizer_momentum.replace('_', '-')}", 1))
     if args.batch_size < 2:
         problems.append(f"--batch-size {args.batch_size} must be at least 2, because BatchNorm normalises "
@@ -717,6 +719,84 @@ def build_backbone(arch: str, cifar_stem: bool, zero_init_residual: bool = False
     return model, feature_dim
 
 
+NormName = Literal["batch", "layer", "group"]
+
+
+def norm_layer(name: NormName) -> Optional[Callable[[int], nn.Module]]:
+    """Return torchvision's `norm_layer` argument for a normalisation name (None keeps BatchNorm).
+
+    "layer" is GroupNorm with one group: each sample's activations are normalised over all
+    channels and positions, with a scale and shift per channel, which is the layer normalisation
+    of convolutional networks. "group" uses 32 groups (Wu and He 2018). Neither mixes samples.
+    """
+    if name == "batch":
+        return None
+    if name == "layer":
+        return lambda channels: nn.GroupNorm(1, channels)
+    if name == "group":
+        return lambda channels: nn.GroupNorm(32, channels)
+    raise ConfigError(f"unknown normalisation {name!r}; choose batch, layer or group")
+
+
+def patch_grid_side(image_size: int, patch_size: int, stride: int) -> int:
+    """Return G, the number of patches along each side of a G x G grid of square patches.
+
+    Raises ConfigError when a patch does not fit in the image or the stride is not positive.
+    """
+    if patch_size <= 0 or stride <= 0:
+        raise ConfigError(f"--patch-size {patch_size} and --patch-stride {stride} must be positive")
+    if patch_size > image_size:
+        raise ConfigError(
+            f"--patch-size {patch_size} is larger than the {image_size}-pixel image; use a smaller "
+            f"--patch-size or a larger --image-size"
+        )
+    return (image_size - patch_size) // stride + 1
+
+
+def extract_patches(images: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
+    """Cut images (N, C, H, W) into the overlapping patches of a G x G grid: (N, G, G, C, P, P).
+
+    Patch (i, j) starts at row i*stride and column j*stride. Pixels beyond the last full patch
+    are left out when (side - patch_size) is not a multiple of the stride.
+    """
+    patches = images.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # (N, C, G, G, P, P)
+    return patches.permute(0, 2, 3, 1, 4, 5)
+
+
+class PatchPooledEncoder(nn.Module):
+    """Encode every patch of an image's grid with `backbone` and average the G*G vectors:
+    the image representation of CPC's linear evaluation. Maps (N, C, H, W) to (N, F)."""
+
+    def __init__(self, backbone: nn.Module, patch_size: int, stride: int):
+        super().__init__()
+        self.backbone = backbone
+        self.patch_size = patch_size
+        self.stride = stride
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = extract_patches(images, self.patch_size, self.stride)  # (N, G, G, C, P, P)
+        n, g = patches.shape[0], patches.shape[1]
+        # Keep the caller's memory layout (channels-last during training if it asked for it).
+        layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        z = self.backbone(patches.flatten(0, 2).contiguous(memory_format=layout))  # (N*G*G, F)
+        return z.view(n, g * g, -1).mean(dim=1)  # (N, F)
+
+
+def build_encoder(meta: dict[str, Any], arch: str) -> tuple[nn.Module, nn.Module, int]:
+    """Build the evaluated encoder that a checkpoint's "backbone" entry describes, randomly
+    initialised; return (encoder, ResNet, feature width).
+
+    The ResNet is what the checkpoint's "backbone." weights load into. The encoder is the ResNet
+    itself, or for CPC checkpoints (which record a patch size) the ResNet applied to every patch
+    of the grid with the patch vectors averaged.
+    """
+    resnet, feature_dim = build_backbone(arch, cifar_stem=meta["cifar_stem"],
+                                         norm_layer=norm_layer(meta.get("norm", "batch")))
+    if "patch_size" in meta:
+        return PatchPooledEncoder(resnet, meta["patch_size"], meta["patch_stride"]), resnet, feature_dim
+    return resnet, resnet, feature_dim
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimisers and learning-rate schedule
 # ----------------------------------------------------------------------------------------------
@@ -933,12 +1013,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str, *, method: str, args: Any, info: DataInfo, arch: str, cifar_stem: bool,
                     feature_dim: int, step: int, epoch: int, steps_per_epoch: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                    env: DistEnv, extra: Optional[dict[str, Any]] = None) -> None:
+                    env: DistEnv, extra: Optional[dict[str, Any]] = None,
+                    encoder: Optional[dict[str, Any]] = None) -> None:
     """Write the run's state to `path` atomically, and the backbone alone to backbone.pt beside it.
 
     Every rank must call this (the RNG states are gathered); only rank 0 writes. `model` must be the
     raw module, not its DDP or compiled wrapper, so that the keys carry no prefix. The keys of the
-    evaluated encoder start with "backbone.".
+    evaluated encoder start with "backbone.". `encoder` adds facts that eval_linear.py needs to
+    rebuild that encoder (normalisation, patch grid) to the checkpoint's "backbone" entry.
     """
     rng_states = gather_objects(capture_rng_state())
     if not env.is_main:
@@ -950,7 +1032,7 @@ def save_checkpoint(path: str, *, method: str, args: Any, info: DataInfo, arch: 
         "args": to_jsonable(args),
         "data": {"dataset": info.name, "data_dir": info.root, "image_size": info.image_size,
                  "mean": list(info.mean), "std": list(info.std)},
-        "backbone": {"arch": arch, "cifar_stem": cifar_stem, "feature_dim": feature_dim},
+        "backbone": {"arch": arch, "cifar_stem": cifar_stem, "feature_dim": feature_dim, **(encoder or {})},
         "step": step,
         "epoch": epoch,
         "steps_per_epoch": steps_per_epoch,

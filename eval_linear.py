@@ -2,7 +2,8 @@
 
 The backbone is frozen and stays in eval mode throughout, so its BatchNorm layers use the running
 statistics from pretraining and nothing about it changes (checked bit for bit at the end). Two
-scores are computed on the average-pooled features:
+scores are computed on the average-pooled features (for CPC checkpoints, the patch encodings
+averaged over the grid of patches, as in the CPC paper's linear evaluation):
   * linear probe: a linear classifier trained with cross-entropy on the training split, reported
     as top-1 and top-5 accuracy on the full test split;
   * weighted kNN: k=200 neighbours with weights exp(cos/0.1) on L2-normalised features
@@ -239,12 +240,13 @@ def main(args: Args) -> None:
             f"{len(train_set)} images and --batch-size is {args.batch_size}; lower --batch-size"
         )
 
-    # Backbone: the checkpoint's weights, or a random initialisation of the same shape.
+    # Backbone: the checkpoint's weights, or a random initialisation of the same shape. For CPC the
+    # evaluated encoder applies the backbone to every patch of the grid and averages the vectors.
     torch.manual_seed(args.seed)
-    backbone, feature_dim = common.build_backbone(arch, cifar_stem=saved_backbone["cifar_stem"])
+    encoder, backbone, feature_dim = common.build_encoder(saved_backbone, arch)
     if not args.random_init:
         backbone.load_state_dict(common.backbone_state_dict(state["model"]), strict=True)
-    backbone = backbone.to(env.device).eval()
+    encoder = encoder.to(env.device).eval()
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     reference = {key: value.clone() for key, value in backbone.state_dict().items()}
@@ -256,8 +258,8 @@ def main(args: Args) -> None:
 
     # Features of the plain images, computed once: kNN bank and queries, cached probe inputs.
     batch_per_process = args.batch_size // env.world_size
-    train_features, train_labels = common.extract_features(backbone, train_set, batch_per_process, workers, env, precision)  # (M, F)
-    test_features, test_labels = common.extract_features(backbone, test_set, batch_per_process, workers, env, precision)  # (Q, F)
+    train_features, train_labels = common.extract_features(encoder, train_set, batch_per_process, workers, env, precision)  # (M, F)
+    test_features, test_labels = common.extract_features(encoder, test_set, batch_per_process, workers, env, precision)  # (Q, F)
     knn_k = min(args.knn_k, len(train_set))  # the vote cannot use more neighbours than there are
     if knn_k < args.knn_k and env.is_main:
         print(f"note: --knn-k {args.knn_k} is more than the {len(train_set)} training images, so the kNN "
@@ -272,7 +274,7 @@ def main(args: Args) -> None:
         augmented = T.Compose([T.RandomResizedCrop(info.image_size, antialias=True), T.RandomHorizontalFlip(),
                                T.ToTensor(), T.Normalize(info.mean, info.std)])
         augmented_train_set, _ = common.eval_datasets(info, augmented, plain)
-        probe = train_probe_with_augmentation(backbone, augmented_train_set, feature_dim, classes, args,
+        probe = train_probe_with_augmentation(encoder, augmented_train_set, feature_dim, classes, args,
                                               peak_lr, env, workers, precision)
     else:
         probe = train_probe_on_features(train_features, train_labels, classes, args, peak_lr)

@@ -11,8 +11,8 @@ and prints the kNN and linear-probe figures of both, the wall times and the mach
 one line of JSON. With --min-knn and --min-knn-gain it exits with status 1 when the pretrained
 kNN top-1 falls below the bound or beats the random backbone by less than the gain.
 
---method picks the script (simclr, moco or dcl), and --method-args adds flags to its command, to score
-other settings on the same subset.
+--method picks the script (simclr, moco, dcl or infonce_cpc), and --method-args adds flags to its
+command, to score other settings on the same subset.
 
 Run (the full check, about 40 minutes for SimCLR on a 2-core CPU):
     python benchmarks/cpu_budget.py --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/simclr-cpu \
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=170, help="optimiser steps of pretraining (default 170)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size of pretraining (default 128)")
     parser.add_argument("--arch", default="resnet18", help="backbone (default resnet18)")
-    parser.add_argument("--method", choices=("simclr", "moco", "dcl"), default="simclr", help="method script to pretrain with (default simclr)")
+    parser.add_argument("--method", choices=("simclr", "moco", "dcl", "infonce_cpc"), default="simclr", help="method script to pretrain with (default simclr)")
     parser.add_argument("--method-args", default="", help="further flags of the method script, one quoted string (for example \"--epochs 3 --warmup-epochs 0.1\"); "
                              "write a single flag with an equals sign, as in --method-args=--weighted, because argparse "
                              "reads a lone value that starts with -- as an option")
