@@ -9,8 +9,8 @@ to this file as follows:
     z_ij = g_enc(x_ij)                 CPC.forward: a ResNet (`backbone`) encodes every patch on
                                        its own and average-pools it to one vector; the grid comes
                                        from PatchViews (training) or common.extract_patches
-    c_ij = g_ar(z_<=i, *)              ContextNetwork: masked convolutions, so c_ij sees only the
-                                       rows at or above row i
+    c_ij = g_ar(z_<=i, *)              ContextNetwork: masked convolutions, so c_ij depends only
+                                       on the rows at or above row i
     f_k(x_{i+k}, c_i) = exp(z^T W_k c) CPC.predictor (one 1x1 convolution W_k per step k) gives
                                        the prediction W_k c_ij; info_nce takes its dot product with
                                        each candidate target
@@ -121,7 +121,7 @@ class Args:
 
     # Augmentation
     crop_fraction: float = 256 / 300
-    """side of the random crop of the whole image as a fraction of the resized image (CPC paper: 256-pixel crops of 300-pixel images); the crop is resized back to --image-size"""
+    """side of the random crop as a fraction of the resized image, which is --image-size / this fraction (CPC paper: 256-pixel crops of 300-pixel images)"""
     flip: bool = True
     """flip the whole image horizontally with probability 0.5 (CPC v2)"""
     grayscale_prob: float = 0.0
@@ -139,37 +139,6 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # Augmentation: one crop of the whole image, then colour changes drawn for every patch
 # ----------------------------------------------------------------------------------------------
-
-
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """Luma of RGB patches (M, 3, P, P) -> (M, 1, P, P), with torchvision's rgb_to_grayscale weights."""
-    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-def augment_patches(x: torch.Tensor, jitter: float, jitter_prob: float, grayscale_prob: float) -> torch.Tensor:
-    """Jitter brightness, contrast and saturation of every patch of x (M, 3, P, P), values in
-    [0, 1], with its own random factors, then turn some patches grey.
-
-    Each adjustment follows torchvision's definition (adjust_brightness, adjust_contrast,
-    adjust_saturation), applied in that fixed order to whole batches of patches at once: calling
-    ColorJitter once per patch costs about a millisecond, 49 times per CIFAR image.
-    """
-    # NOTE: hue is not jittered, and the order of the three adjustments is not shuffled as
-    # torchvision's ColorJitter does.
-    m = x.shape[0]
-    jittered = (torch.rand(m, 1, 1, 1) < jitter_prob).float()
-
-    def factor() -> torch.Tensor:  # 1 for patches that are not jittered
-        return 1 + jittered * (torch.rand(m, 1, 1, 1) * 2 - 1) * jitter
-
-    x = (x * factor()).clamp(0, 1)
-    contrast = factor()
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # torchvision blends with the mean grey level
-    x = (contrast * x + (1 - contrast) * mean).clamp(0, 1)
-    saturation = factor()
-    x = (saturation * x + (1 - saturation) * grayscale(x)).clamp(0, 1)
-    grey = torch.rand(m, 1, 1, 1) < grayscale_prob
-    return torch.where(grey, grayscale(x).expand_as(x), x)
 
 
 class PatchViews:
@@ -194,8 +163,8 @@ class PatchViews:
         x = self.image_transform(image)  # (3, H, W) in [0, 1]
         patches = common.extract_patches(x.unsqueeze(0), self.patch_size, self.stride)[0]  # (G, G, 3, P, P)
         grid = patches.shape[:2]
-        x = augment_patches(patches.reshape(-1, *patches.shape[2:]), self.jitter, self.jitter_prob,
-                            self.grayscale_prob)  # (G*G, 3, P, P)
+        x = common.jitter_batch(patches.reshape(-1, *patches.shape[2:]), self.jitter, self.jitter_prob,
+                                self.grayscale_prob)  # (G*G, 3, P, P)
         x = (x - self.mean) / self.std
         # Colour dropping (CPC v2): keep one random channel; the other two become 0, the mean after normalisation.
         dropped = torch.rand(x.shape[0], 1, 1, 1) < self.color_drop_prob
@@ -215,8 +184,8 @@ class ContextNetwork(nn.Module):
 
     Each block is 1x1 convolution, ReLU, a 2x3 convolution over the row above and the row itself
     (the grid is padded with one zero row on top and none at the bottom), ReLU, 1x1 convolution,
-    added to its input. 1x1 convolutions mix nothing across rows, so after b blocks c_ij sees rows
-    i-b to i, and never a row below i.
+    added to its input. 1x1 convolutions mix nothing across rows, so after b blocks c_ij depends on
+    rows i-b to i, and never on a row below i.
     """
 
     def __init__(self, dim: int, hidden: int, blocks: int):
@@ -380,8 +349,9 @@ def main(args: Args) -> None:
     stop_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
 
     # Model, optimiser, gradient scaler.
-    # No BatchNorm anywhere: batch statistics would let a patch see its neighbours (and the rows it
-    # must predict) through the normalisation, a shortcut CPC v2 reports; layer norm stays per patch.
+    # No BatchNorm anywhere, because batch statistics let a patch's encoding depend on the other
+    # patches, including the rows it must predict. CPC v2 reports that shortcut. Layer norm stays
+    # within one patch.
     cifar_stem = patch_size <= 32  # the 3x3 stem keeps small patches from shrinking to 1 pixel early
     backbone, feature_dim = common.build_backbone(args.arch, cifar_stem=cifar_stem, zero_init_residual=True,
                                                   norm_layer=common.norm_layer(args.norm))

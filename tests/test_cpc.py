@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import common
-from infonce_cpc import CPC, Args, ContextNetwork, PatchViews, augment_patches, info_nce
+from infonce_cpc import CPC, Args, ContextNetwork, PatchViews, info_nce
 
 
 def reference_info_nce(predictions: torch.Tensor, targets_all: torch.Tensor, skip: int, tau: float,
@@ -499,7 +499,7 @@ def test_build_encoder_plain_checkpoint():
 
 
 # ---------------------------------------------------------------------------------------------
-# augment_patches
+# common.jitter_batch on patches
 # ---------------------------------------------------------------------------------------------
 
 
@@ -510,13 +510,13 @@ def random_patches(m: int, seed: int) -> torch.Tensor:
 def test_augment_without_changes_is_identity():
     x = random_patches(12, seed=0)
     torch.manual_seed(0)
-    assert torch.equal(augment_patches(x, jitter=0.4, jitter_prob=0.0, grayscale_prob=0.0), x)
+    assert torch.equal(common.jitter_batch(x, jitter=0.4, jitter_prob=0.0, grayscale_prob=0.0), x)
 
 
 def test_augment_grayscale_all_patches():
     x = random_patches(12, seed=1)
     torch.manual_seed(0)
-    output = augment_patches(x, jitter=0.4, jitter_prob=0.0, grayscale_prob=1.0)
+    output = common.jitter_batch(x, jitter=0.4, jitter_prob=0.0, grayscale_prob=1.0)
     luma = 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # torchvision's rgb_to_grayscale weights, (M, P, P)
     assert torch.equal(output[:, 0], output[:, 1])
     assert torch.equal(output[:, 0], output[:, 2])
@@ -524,14 +524,14 @@ def test_augment_grayscale_all_patches():
 
 
 def test_augment_jitter_matches_torchvision():
-    # augment_patches draws, in this order, one uniform number per patch for "jittered?", then one
+    # common.jitter_batch draws, in this order, one uniform number per patch for "jittered?", then one
     # per patch for each of brightness, contrast and saturation, each factor 1 + (2u - 1) * jitter.
     # Re-seeding and drawing the same numbers gives the factors, and torchvision's adjust_* applied
     # per patch in the same order give the expected output.
     m, jitter, seed = 16, 0.4, 3
     x = random_patches(m, seed=2)
     torch.manual_seed(seed)
-    output = augment_patches(x, jitter=jitter, jitter_prob=1.0, grayscale_prob=0.0)
+    output = common.jitter_batch(x, jitter=jitter, jitter_prob=1.0, grayscale_prob=0.0)
 
     torch.manual_seed(seed)
     torch.rand(m, 1, 1, 1)  # the draw that picks the jittered patches, all of them at jitter_prob 1
@@ -549,7 +549,7 @@ def test_augment_jitter_differs_per_patch():
     m = 16
     x = random_patches(1, seed=3).expand(m, -1, -1, -1).contiguous()  # one patch, 16 times
     torch.manual_seed(0)
-    output = augment_patches(x, jitter=0.4, jitter_prob=1.0, grayscale_prob=0.0)
+    output = common.jitter_batch(x, jitter=0.4, jitter_prob=1.0, grayscale_prob=0.0)
     for i in range(m):
         for j in range(i + 1, m):
             assert not torch.equal(output[i], output[j]), f"patches {i} and {j} got the same jitter"
@@ -559,7 +559,7 @@ def test_augment_output_in_unit_range():
     x = random_patches(256, seed=4)
     x[:64] = 1.0  # white patches, where brightness factors above 1 must clip
     torch.manual_seed(0)
-    output = augment_patches(x, jitter=0.9, jitter_prob=1.0, grayscale_prob=0.5)
+    output = common.jitter_batch(x, jitter=0.9, jitter_prob=1.0, grayscale_prob=0.5)
     assert output.min().item() >= 0
     assert output.max().item() <= 1
 
