@@ -150,12 +150,14 @@ def momentum_problem(momentum: float, allow_zero: bool = True) -> Optional[str]:
     return f"--momentum {momentum} must be between {lower} and 1 (exclusive); the usual value is 0.9"
 
 
-def validate_training_args(args: Any, optimizer_momentum: Optional[str] = "momentum") -> None:
+def validate_training_args(args: Any, optimizer_momentum: Optional[str] = "momentum",
+                           batch_norm: bool = True) -> None:
     """Raise ConfigError for values of the training flags that every method file shares and that
     cannot work, naming each flag and its value.
 
     `optimizer_momentum` is the field of the optimiser's momentum (MoCo's `--momentum` is the key
-    encoder's), or None for an optimiser without one. `warmup_epochs` is checked only where the
+    encoder's), or None for an optimiser without one. `batch_norm` says whether the model normalises
+    over the images of a batch, which needs two of them. `warmup_epochs` is checked only where the
     method has it.
     """
     problems = []
@@ -172,9 +174,11 @@ def validate_training_args(args: Any, optimizer_momentum: Optional[str] = "momen
     problem = momentum_problem(getattr(args, optimizer_momentum)) if optimizer_momentum is not None else None
     if problem is not None:
         problems.append(problem.replace("--momentum", f"--{optimizer_momentum.replace('_', '-')}", 1))
-    if args.batch_size < 2:
+    if batch_norm and args.batch_size < 2:
         problems.append(f"--batch-size {args.batch_size} must be at least 2, because BatchNorm normalises "
                         f"over the images of a batch")
+    elif args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size} must be at least 1")
     if args.max_steps is not None and args.max_steps <= 0:
         problems.append(f"--max-steps {args.max_steps} must be positive")
     if args.workers is not None and args.workers < 0:
@@ -774,8 +778,10 @@ def patch_grid_side(image_size: int, patch_size: int, stride: int) -> int:
 
     Raises ConfigError when a patch does not fit in the image or the stride is not positive.
     """
-    if patch_size <= 0 or stride <= 0:
-        raise ConfigError(f"--patch-size {patch_size} and --patch-stride {stride} must be positive")
+    if patch_size <= 0:
+        raise ConfigError(f"--patch-size {patch_size} must be positive")
+    if stride <= 0:
+        raise ConfigError(f"--patch-stride {stride} must be positive")
     if patch_size > image_size:
         raise ConfigError(
             f"--patch-size {patch_size} is larger than the {image_size}-pixel image; use a smaller "
@@ -808,7 +814,8 @@ class PatchPooledEncoder(nn.Module):
         patches = extract_patches(images, self.patch_size, self.stride)  # (N, G, G, C, P, P)
         n, g = patches.shape[0], patches.shape[1]
         # Keep the caller's memory layout (channels-last during training if it asked for it).
-        layout = torch.channels_last if images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        channels_last = images.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
         z = self.backbone(patches.flatten(0, 2).contiguous(memory_format=layout))  # (N*G*G, F)
         return z.view(n, g * g, -1).mean(dim=1)  # (N, F)
 

@@ -54,7 +54,7 @@ class Args:
     data_dir: Optional[str] = None
     """dataset folder. Unset: the checkpoint's"""
     image_size: Optional[int] = None
-    """image side in pixels. Unset: the checkpoint's"""
+    """image side in pixels. Unset: the checkpoint's. For CPC checkpoints the patches keep their size and stride, so another side changes the number of patches averaged"""
     arch: Optional[common.ResNetArch] = None
     """backbone architecture. Unset: the checkpoint's; another architecture needs --random-init"""
     random_init: bool = False
@@ -224,6 +224,12 @@ def main(args: Args) -> None:
                 f"has moved, pass --data-dir NEW_FOLDER"
             ) from error
         raise
+    if "patch_size" in saved_backbone and info.image_size < saved_backbone["patch_size"]:
+        raise common.ConfigError(
+            f"{args.checkpoint} encodes {saved_backbone['patch_size']}-pixel patches, which do not fit in "
+            f"{info.image_size}-pixel images; use --image-size {saved_backbone['patch_size']} or more, or leave "
+            f"it unset for the checkpoint's {saved_data['image_size']}"
+        )
     workers = args.workers if args.workers is not None else common.default_workers(env)
     precision = common.resolve_precision(args.precision, env.device)
 

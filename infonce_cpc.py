@@ -101,7 +101,7 @@ class Args:
     pred_steps: int = 5
     """rows below the context that are predicted, k = 1..K (CPC paper: up to 5 rows)"""
     skip_rows: Optional[int] = None
-    """rows skipped between a context row and its first target, so that a target never overlaps the context's own row. Unset: 1 when patches overlap, else 0"""
+    """rows skipped between a context row and its first target. Unset: the fewest that keep every target's pixels off the context's own row, which is 1 for patches that overlap by half"""
     target_projection: bool = False
     """compute the targets through a 1x1 convolution of z, as CPC v2 does, instead of from z itself (CPC paper)"""
     temperature: float = 1.0
@@ -125,13 +125,13 @@ class Args:
     flip: bool = True
     """flip the whole image horizontally with probability 0.5 (CPC v2)"""
     grayscale_prob: float = 0.0
-    """probability of turning the whole image to greyscale"""
+    """probability of turning the whole image to greyscale (off by default, because the per-patch greyscale already removes colour)"""
     patch_jitter: float = 0.4
     """strength of the per-patch brightness, contrast and saturation jitter: factors drawn from [1 - s, 1 + s] (CPC v2 jitters each patch; 0.4 as in MoCo v2 and SimCLR's CIFAR jitter)"""
     patch_jitter_prob: float = 0.8
-    """probability that a patch is jittered"""
+    """probability that a patch is jittered (MoCo v2's 0.8)"""
     patch_grayscale_prob: float = 0.2
-    """probability that a patch is turned to greyscale"""
+    """probability that a patch is turned to greyscale (MoCo v2's 0.2)"""
     color_drop_prob: float = 0.0
     """probability that a patch keeps one random colour channel and loses the other two (CPC v2's colour dropping)"""
 
@@ -219,7 +219,8 @@ class CPC(nn.Module):
         self.context = ContextNetwork(feature_dim, context_width, context_blocks)  # g_ar
         # W_1..W_K as one 1x1 convolution with K*F outputs; no bias, as in the score z^T W_k c.
         self.predictor = nn.Conv2d(feature_dim, pred_steps * feature_dim, kernel_size=1, bias=False)
-        self.target_projection = nn.Conv2d(feature_dim, feature_dim, kernel_size=1) if target_projection else nn.Identity()
+        self.target_projection = (nn.Conv2d(feature_dim, feature_dim, kernel_size=1) if target_projection
+                                  else nn.Identity())
         self.pred_steps = pred_steps
 
     def forward(self, patches: torch.Tensor,
@@ -286,7 +287,7 @@ def info_nce(predictions: torch.Tensor, targets_all: torch.Tensor, skip: int, ta
 def main(args: Args) -> None:
     # Processes, batch split, patch grid and input checks, all before any work starts.
     env = common.read_dist_env()
-    common.validate_training_args(args, optimizer_momentum=None)
+    common.validate_training_args(args, optimizer_momentum=None, batch_norm=False)
     common.check_positive(temperature=args.temperature, crop_fraction=args.crop_fraction,
                           pred_steps=args.pred_steps, context_blocks=args.context_blocks,
                           context_width=args.context_width)
@@ -306,15 +307,23 @@ def main(args: Args) -> None:
     patch_size = args.patch_size if args.patch_size is not None else info.image_size // 4
     stride = args.patch_stride if args.patch_stride is not None else max(1, patch_size // 2)
     grid = common.patch_grid_side(info.image_size, patch_size, stride)  # G
-    skip = args.skip_rows if args.skip_rows is not None else int(stride < patch_size)
+    # The fewest skipped rows for which row i+1+skip starts below the last pixel of row i.
+    skip = args.skip_rows if args.skip_rows is not None else -(-patch_size // stride) - 1
     if skip < 0:
         raise common.ConfigError(f"--skip-rows {skip} must not be negative")
+    if grid - skip - 1 < 1:
+        raise common.ConfigError(
+            f"the {info.image_size}-pixel image gives a grid of {grid} x {grid} patches (--patch-size "
+            f"{patch_size}, --patch-stride {stride}), too few rows to predict even one row after {skip} "
+            f"skipped rows: that needs at least {skip + 2} rows. Use a smaller --patch-size or "
+            f"--patch-stride, fewer --skip-rows, or a larger --image-size"
+        )
     if grid - skip - args.pred_steps < 1:
         raise common.ConfigError(
             f"the {info.image_size}-pixel image gives a grid of {grid} x {grid} patches (--patch-size "
             f"{patch_size}, --patch-stride {stride}), too few rows for --pred-steps {args.pred_steps} with "
             f"{skip} skipped rows: that needs at least {args.pred_steps + skip + 1} rows. Lower --pred-steps "
-            f"to {max(1, grid - skip - 1)} or less, or use a larger --image-size or a smaller --patch-stride"
+            f"to {grid - skip - 1} or less, or use a larger --image-size or a smaller --patch-stride"
         )
     workers = args.workers if args.workers is not None else common.default_workers(env)
     precision = common.resolve_precision(args.precision, env.device)

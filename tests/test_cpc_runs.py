@@ -157,13 +157,16 @@ def test_eval_encoder_averages_patches(straight_run):
                             "too few rows for --pred-steps 6 with 1 skipped rows: that needs at least 8 rows. "
                             "Lower --pred-steps to 5 or less"),
     (("--patch-size", "20"), "--patch-size 20 is larger than the 16-pixel image"),
-    (("--patch-stride", "0"), "--patch-size 4 and --patch-stride 0 must be positive"),
+    (("--patch-stride", "0"), "--patch-stride 0 must be positive"),
+    (("--patch-size", "0"), "--patch-size 0 must be positive"),
+    (("--skip-rows", "6"), "the 16-pixel image gives a grid of 7 x 7 patches (--patch-size 4, --patch-stride 2), too "
+                           "few rows to predict even one row after 6 skipped rows: that needs at least 8 rows"),
     (("--skip-rows", "-1"), "--skip-rows -1 must not be negative"),
     (("--temperature", "0"), "--temperature 0.0 must be a positive finite number"),
     (("--crop-fraction", "1.5"), "--crop-fraction 1.5 must be at most 1"),
     (("--color-drop-prob", "2"), "--color-drop-prob 2.0 must be a probability between 0 and 1"),
     (("--patch-jitter", "1"), "--patch-jitter 1.0 must be at least 0 and below 1"),
-], ids=["too many steps", "patch too large", "stride zero", "negative skip", "temperature", "crop fraction",
+], ids=["too many steps", "patch too large", "stride zero", "patch zero", "no step fits", "negative skip", "temperature", "crop fraction",
         "probability", "jitter"])
 def test_bad_flag_rejected(image_folder, tmp_path, extra, expected):
     result = run_script("infonce_cpc.py", *CPC_ARGS, "--data-dir", str(image_folder), "--output-dir",
@@ -172,6 +175,21 @@ def test_bad_flag_rejected(image_folder, tmp_path, extra, expected):
     assert expected in result.stderr, describe_failure(result)
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("image_size, patch_size, stride, skip", [(16, 4, 2, 1), (20, 5, 2, 2), (16, 6, 1, 5)])
+def test_default_skip_clears_context_row(image_folder, tmp_path, image_size, patch_size, stride, skip):
+    # The first target row, i+1+skip, starts at pixel (i+1+skip)*stride, at or below the last pixel
+    # of row i, which ends at i*stride + patch_size.
+    flags = ("--image-size", str(image_size), "--patch-size", str(patch_size), "--patch-stride", str(stride),
+             "--pred-steps", "1")
+    run_dir = tmp_path / "run"
+    result = run_script("infonce_cpc.py", *CPC_ARGS, *flags, "--data-dir", str(image_folder), "--output-dir",
+                        str(run_dir), "--max-steps", "1", "--knn-every", "0")
+    assert result.returncode == 0, describe_failure(result)
+    assert read_args(run_dir)["skip_rows"] == skip
+    assert (1 + skip) * stride >= patch_size
+    assert skip * stride < patch_size, "one row fewer would already clear the context row"
 
 
 def test_uneven_batch_rejected(image_folder, tmp_path):
@@ -188,6 +206,17 @@ def test_simclr_checkpoint_rejected(pretrained_run, image_folder):
                         str(pretrained_run.checkpoint), "--max-steps", "4")
     assert result.returncode == 2, describe_failure(result)
     assert f"{pretrained_run.checkpoint} was written by simclr.py, not infonce_cpc.py" in result.stderr
+
+
+def test_eval_rejects_image_below_patch(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    run_cpc(image_folder, run_dir, "--patch-size", "10", "--patch-stride", "2", "--skip-rows", "0", "--pred-steps",
+            "1", "--max-steps", "1", "--knn-every", "0")
+    checkpoint = run_dir / "checkpoint.pt"
+    result = run_script("eval_linear.py", "--checkpoint", str(checkpoint), "--image-size", "8", "--workers", "0")
+    assert result.returncode == 2, describe_failure(result)
+    assert f"{checkpoint} encodes 10-pixel patches, which do not fit in 8-pixel images; use --image-size 10 or " \
+           f"more" in result.stderr, describe_failure(result)
 
 
 def test_help_names_symbols_and_units():
