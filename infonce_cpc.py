@@ -4,19 +4,23 @@ Paper: van den Oord, Li and Vinyals, "Representation Learning with Contrastive P
 2018 (arXiv:1807.03748), section 3.3 for images; options from CPC v2: Henaff et al.,
 "Data-Efficient Image Recognition with Contrastive Predictive Coding", ICML 2020 (arXiv:1905.09272).
 
-Each image is cut into a G x G grid of overlapping square patches x_ij. The paper's equations map
-to this file as follows:
-    z_ij = g_enc(x_ij)                 CPC.forward: a ResNet (`backbone`) encodes every patch on
-                                       its own and average-pools it to one vector; the grid comes
-                                       from PatchViews (training) or common.extract_patches
-    c_ij = g_ar(z_<=i, *)              ContextNetwork: masked convolutions, so c_ij depends only
+Each image is cut into a G x G grid of overlapping square patches x_ij, and the rows of the grid
+play the role of the paper's time steps t. Its equations map to this file as follows:
+    z_t = g_enc(x_t)                   CPC.forward: a ResNet (`backbone`) encodes every patch on
+                                       its own and average-pools it to one vector z_ij. The grid
+                                       comes from PatchViews (training) or common.extract_patches
+    c_t = g_ar(z_<=t)                  ContextNetwork: masked convolutions, so c_ij depends only
                                        on the rows at or above row i
-    f_k(x_{i+k}, c_i) = exp(z^T W_k c) CPC.predictor (one 1x1 convolution W_k per step k) gives
-                                       the prediction W_k c_ij; info_nce takes its dot product with
-                                       each candidate target
-    L_N = -E[log f_k(pos) / sum_j f_k(x_j)]
-                                       info_nce: cross-entropy over every target of the global
-                                       batch at every position, averaged over positions and steps
+    f_k(x_{t+k}, c_t) = exp(z_{t+k}^T W_k c_t)   (equation 3, the log-bilinear density ratio of
+                                       equation 2) CPC.predictor, one 1x1 convolution W_k per step
+                                       k, gives W_k c_ij. info_nce takes its dot product with each
+                                       candidate target and divides by --temperature (1: none)
+    L_N = -E_X[log f_k(x_{t+k}, c_t) / sum_{x_j in X} f_k(x_j, c_t)]   (equation 4)
+                                       info_nce: cross-entropy over the set X of every target of
+                                       the global batch at every position, averaged over positions
+                                       and then over the steps k
+    I(x_{t+k}; c_t) >= log(N) - L_N    the bound that makes InfoNCE a mutual-information
+                                       estimate, with N = len(X); log(B*G*G) minus the logged loss
 For linear evaluation, z_ij is averaged over the grid (common.PatchPooledEncoder).
 
 Run:
