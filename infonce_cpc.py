@@ -366,7 +366,10 @@ def main(args: Args) -> None:
     # patches, including the rows it must predict. CPC v2 reports that shortcut. Layer norm stays
     # within one patch.
     cifar_stem = patch_size <= 32  # the 3x3 stem keeps small patches from shrinking to 1 pixel early
-    backbone, feature_dim = common.build_backbone(args.arch, cifar_stem=cifar_stem, zero_init_residual=True,
+    # torchvision's initialisation, without SimCLR's zero-initialised residual scales: neither CPC
+    # paper uses them, and so training starts from the random encoder that eval_linear.py's
+    # --random-init baseline scores.
+    backbone, feature_dim = common.build_backbone(args.arch, cifar_stem=cifar_stem,
                                                   norm_layer=common.norm_layer(args.norm))
     model = CPC(backbone, feature_dim, args.pred_steps, args.context_blocks, args.context_width,
                 args.target_projection).to(env.device)
