@@ -76,7 +76,10 @@ def test_loss_matches_one_process(ranks, single_process, variant):
 def test_gradients_match_one_process(ranks, single_process, variant):
     for rank in range(WORLD_SIZE):
         for name, expected in single_process[variant]["grads"].items():
-            torch.testing.assert_close(ranks[rank][variant]["grads"][name], expected, rtol=1e-5, atol=1e-7,
+            # float32 sums taken in another order (two halves, then the average) differ by a few
+            # units in the last place of the largest terms, which entries near 0 see in full.
+            atol = 1e-5 * expected.abs().max().item()
+            torch.testing.assert_close(ranks[rank][variant]["grads"][name], expected, rtol=1e-5, atol=atol,
                                        msg=f"{variant}: gradient of {name} on rank {rank}")
 
 
@@ -89,5 +92,7 @@ def test_accuracy_matches_one_process(ranks, single_process, variant):
 
 def test_weighting_changes_gradients(single_process):
     # Otherwise the DCLW comparison above could pass with the weights ignored.
-    difference = (single_process["dclw"]["grads"]["0.weight"] - single_process["dcl"]["grads"]["0.weight"]).abs().max()
-    assert difference.item() > 1e-4
+    plain = single_process["dcl"]["grads"]["0.weight"]
+    difference = (single_process["dclw"]["grads"]["0.weight"] - plain).abs().max()
+    # Far beyond the tolerance of the gradient comparison, so that it would fail.
+    assert difference.item() > 1e-3 * plain.abs().max().item()

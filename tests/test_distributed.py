@@ -80,7 +80,10 @@ def test_gather_with_grad_rank_order(ranks, single_process):
 def test_gather_with_grad_matches_one_process(ranks, single_process):
     for rank in range(WORLD_SIZE):
         for name, expected in single_process["grads"].items():
-            torch.testing.assert_close(ranks[rank]["with_grad"]["grads"][name], expected, rtol=1e-5, atol=1e-7,
+            # float32 sums taken in another order (two halves, then the average) differ by a few
+            # units in the last place of the largest terms, which entries near 0 see in full.
+            atol = 1e-5 * expected.abs().max().item()
+            torch.testing.assert_close(ranks[rank]["with_grad"]["grads"][name], expected, rtol=1e-5, atol=atol,
                                        msg=f"gradient of {name} on rank {rank}")
 
 
@@ -88,8 +91,11 @@ def test_gather_without_grad_differs(ranks, single_process):
     # The same run with negatives gathered without gradient must give other gradients; otherwise
     # the comparison above could not detect a gather that drops gradients.
     name = "0.weight"
-    difference = (ranks[0]["no_grad"]["grads"][name] - single_process["grads"][name]).abs().max().item()
-    assert difference > 1e-4, "gradients without the gathered negatives' share match the full ones"
+    expected = single_process["grads"][name]
+    difference = (ranks[0]["no_grad"]["grads"][name] - expected).abs().max().item()
+    # Far beyond the tolerance of the comparison above, so that it would fail.
+    assert difference > 1e-3 * expected.abs().max().item(), \
+        "gradients without the gathered negatives' share match the full ones"
 
 
 def test_simclr_loss_two_ranks_averaged(ranks, single_process):
