@@ -251,8 +251,8 @@ def info_nce(predictions: torch.Tensor, targets_all: torch.Tensor, skip: int, ta
                  gradient (`targets_all` is this process's targets in a single process).
     offset:      index of this process's first image in `targets_all`, that is rank * N.
 
-    For each prediction p the candidates are all B*G*G targets t_m: every position of every image,
-    so the true target appears once and the negatives are the other positions of the same image
+    For each prediction p the candidates are all B*G*G targets t_m, one per position of every image.
+    So the true target appears once, and the negatives are the other positions of the same image
     and all positions of the other images. The loss is -log softmax_m(p . t_m / tau) at the true
     target, normalised over the candidates of each prediction. Returns the loss and the top-1
     accuracy among the candidates, averaged the same way.

@@ -13,7 +13,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -64,9 +63,7 @@ def main() -> None:
     }
     os.makedirs(output_dir, exist_ok=True)
     torch.save(results, os.path.join(output_dir, f"rank{rank}.pt"))
-    # Without the barrier, gloo sometimes aborts when the group is destroyed at exit.
-    dist.barrier()
-    dist.destroy_process_group()
+    common.cleanup_distributed()  # a barrier first, without which gloo sometimes aborts at exit
 
 
 if __name__ == "__main__":

@@ -94,5 +94,5 @@ def test_weighting_changes_gradients(single_process):
     # Otherwise the DCLW comparison above could pass with the weights ignored.
     plain = single_process["dcl"]["grads"]["0.weight"]
     difference = (single_process["dclw"]["grads"]["0.weight"] - plain).abs().max()
-    # Far beyond the tolerance of the gradient comparison, so that it would fail.
+    # The difference must lie far beyond the tolerance of the gradient comparison, so that it would fail.
     assert difference.item() > 1e-3 * plain.abs().max().item()

@@ -93,7 +93,7 @@ def test_gather_without_grad_differs(ranks, single_process):
     name = "0.weight"
     expected = single_process["grads"][name]
     difference = (ranks[0]["no_grad"]["grads"][name] - expected).abs().max().item()
-    # Far beyond the tolerance of the comparison above, so that it would fail.
+    # The difference must lie far beyond the tolerance of the comparison above, so that it would fail.
     assert difference > 1e-3 * expected.abs().max().item(), \
         "gradients without the gathered negatives' share match the full ones"
 
