@@ -698,10 +698,10 @@ def jitter_batch(x: torch.Tensor, jitter: float, jitter_prob: float, grayscale_p
     # NOTE: hue is not jittered, and the order of the three adjustments is not shuffled as
     # torchvision's ColorJitter does.
     m = x.shape[0]
-    jittered = (torch.rand(m, 1, 1, 1) < jitter_prob).float()
+    jittered = (torch.rand(m, 1, 1, 1, device=x.device) < jitter_prob).float()
 
     def factor() -> torch.Tensor:  # 1 for images that are not jittered
-        return 1 + jittered * (torch.rand(m, 1, 1, 1) * 2 - 1) * jitter
+        return 1 + jittered * (torch.rand(m, 1, 1, 1, device=x.device) * 2 - 1) * jitter
 
     x = (x * factor()).clamp(0, 1)
     contrast = factor()
@@ -709,7 +709,7 @@ def jitter_batch(x: torch.Tensor, jitter: float, jitter_prob: float, grayscale_p
     x = (contrast * x + (1 - contrast) * mean).clamp(0, 1)
     saturation = factor()
     x = (saturation * x + (1 - saturation) * grayscale(x)).clamp(0, 1)
-    grey = torch.rand(m, 1, 1, 1) < grayscale_prob
+    grey = torch.rand(m, 1, 1, 1, device=x.device) < grayscale_prob
     return torch.where(grey, grayscale(x).expand_as(x), x)
 
 
@@ -721,6 +721,423 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float])
     else:
         resize = [T.Resize(image_size, antialias=True), T.CenterCrop(image_size)]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched augmentation on the training device
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentRecipe:
+    """Random augmentation of one view, as the numbers that `augment_batch` reads.
+
+    Each recipe function below returns the recipe of one of the per-image torchvision transforms
+    above, and a test checks that the two agree. Probabilities apply per image and per view.
+    """
+
+    image_size: int
+    """side S of the output views in pixels"""
+    mean: tuple[float, float, float]
+    """per-channel mean subtracted at the end, on the [0, 1] scale"""
+    std: tuple[float, float, float]
+    """per-channel standard deviation divided by at the end"""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop's range of the crop area, as a fraction of the image area"""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop's range of the crop's aspect ratio, width over height"""
+    resize_crop: Optional[float] = None
+    """when set, replaces the random resized crop: resize the image to S / resize_crop pixels, then take a random S x S crop (CPC)"""
+    flip_prob: float = 0.5
+    """probability of a horizontal flip"""
+    jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    """ColorJitter's brightness, contrast, saturation and hue strengths; 0 leaves a property alone"""
+    jitter_prob: float = 0.0
+    """probability of the colour jitter, whose four adjustments run in a random order per image"""
+    grayscale_prob: float = 0.0
+    """probability of turning the view grey"""
+    grayscale_before_jitter: bool = False
+    """turn grey before the colour jitter rather than after it (MoCo v1)"""
+    blur_prob: float = 0.0
+    """probability of a Gaussian blur with a kernel of 10% of S and sigma drawn from blur_sigma"""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """range of the blur's standard deviation in pixels"""
+    solarize_prob: float = 0.0
+    """probability of solarisation, which inverts every value at or above solarize_threshold"""
+    solarize_threshold: float = 0.5
+    """solarisation threshold on the [0, 1] scale"""
+
+
+def simclr_recipe(image_size: int, mean: Sequence[float], std: Sequence[float], strength: float,
+                  blur: bool) -> AugmentRecipe:
+    """Build the recipe of `simclr_augmentation` with the same arguments."""
+    s = strength
+    return AugmentRecipe(image_size, tuple(mean), tuple(std), crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                         flip_prob=0.5, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_prob=0.8,
+                         grayscale_prob=0.2, blur_prob=0.5 if blur else 0.0)
+
+
+def moco_recipe(image_size: int, mean: Sequence[float], std: Sequence[float], aug_plus: bool, blur: bool,
+                min_crop_scale: float = 0.2) -> AugmentRecipe:
+    """Build the recipe of `moco_augmentation` with the same arguments.
+
+    The flip comes last in MoCo's transforms and first in `augment_batch`. The order makes no
+    difference, because a flip commutes with the colour changes and with a symmetric blur.
+    """
+    if not aug_plus:
+        return AugmentRecipe(image_size, tuple(mean), tuple(std), crop_scale=(min_crop_scale, 1.0),
+                             jitter=(0.4, 0.4, 0.4, 0.4), jitter_prob=1.0, grayscale_prob=0.2,
+                             grayscale_before_jitter=True)
+    return AugmentRecipe(image_size, tuple(mean), tuple(std), crop_scale=(min_crop_scale, 1.0),
+                         jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2,
+                         blur_prob=0.5 if blur else 0.0)
+
+
+def crop_transform(recipe: AugmentRecipe) -> T.Compose:
+    """Build the per-image crop of `recipe` that returns uint8 tensors, for data-loader workers that
+    decode large images whose crop needs the full resolution; `augment_batch(crop=False)` does the rest."""
+    if recipe.resize_crop is not None:
+        steps: list[nn.Module] = [T.Resize(round(recipe.image_size / recipe.resize_crop), antialias=True),
+                                  T.RandomCrop(recipe.image_size)]
+    else:
+        steps = [T.RandomResizedCrop(recipe.image_size, scale=recipe.crop_scale, ratio=recipe.crop_ratio,
+                                     antialias=True)]
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+def sample_crop_boxes(count: int, height: int, width: int, scale: tuple[float, float],
+                      ratio: tuple[float, float], device: torch.device) -> torch.Tensor:
+    """Draw `count` crop boxes as RandomResizedCrop.get_params does, all at once; return (count, 4)
+    rows of (top, left, height, width) in pixels.
+
+    Like torchvision, each box takes the first of 10 attempts that fits in the image (area drawn
+    uniformly from scale * image area, log aspect ratio uniformly from log ratio, sides rounded),
+    and falls back to the largest centred crop whose aspect ratio lies within `ratio`.
+    """
+    attempts = 10
+    area = height * width
+    target_area = area * torch.empty(count, attempts, device=device).uniform_(*scale)
+    log_ratio = torch.empty(count, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target_area * aspect))  # (count, attempts)
+    h = torch.round(torch.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first attempt that fits (0 if none)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+
+    # torchvision's fallback: the whole image, narrowed to the nearest allowed aspect ratio.
+    if width / height < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits.any(dim=1)
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+
+    # Offsets uniform over the integers 0..side-crop, as torch.randint draws them; the fallback is centred.
+    top = torch.floor(torch.rand(count, device=device) * (height - h + 1))
+    left = torch.floor(torch.rand(count, device=device) * (width - w + 1))
+    top = torch.where(found, top, torch.full_like(top, (height - fallback_h) // 2))
+    left = torch.where(found, left, torch.full_like(left, (width - fallback_w) // 2))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """Build the (M, out_size, in_size) matrices that crop pixels [start, start + length) of a line
+    of `in_size` pixels and resize them to `out_size`, one matrix per row of start and length (M,).
+
+    The weights are those of torchvision's resize with antialias=True, which are PIL's: a triangle
+    filter, widened by the scale factor when shrinking, renormalised over the pixels of the crop.
+    """
+    scale = (length / out_size)[:, None, None]  # (M, 1, 1) input pixels per output pixel
+    support = scale.clamp(min=1.0)
+    centres = start[:, None, None] + (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale
+    pixels = torch.arange(in_size, device=start.device) + 0.5  # pixel centres
+    weights = (1 - (pixels - centres).abs() / support).clamp(min=0)  # (M, out_size, in_size)
+    inside = (pixels >= start[:, None, None]) & (pixels < (start + length)[:, None, None])
+    weights = weights * inside
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def crop_matrices(count: int, height: int, width: int, recipe: AugmentRecipe,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the crops of `recipe` for `count` images of height x width; return the row and column
+    resampling matrices (count, S, height) and (count, S, width)."""
+    size = recipe.image_size
+    if recipe.resize_crop is None:
+        top, left, h, w = sample_crop_boxes(count, height, width, recipe.crop_scale, recipe.crop_ratio,
+                                            device).unbind(1)
+        return resize_weights(top, h, height, size), resize_weights(left, w, width, size)
+
+    # Resize so that the shorter side is S / resize_crop (T.Resize), then cut a random S x S crop
+    # (T.RandomCrop): the crop selects S consecutive rows of the resize matrices.
+    short = round(size / recipe.resize_crop)
+    resized_h, resized_w = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+    if min(resized_h, resized_w) < size:
+        raise ConfigError(f"the resize to {resized_h} x {resized_w} px is smaller than the {size}-pixel crop")
+    zero = torch.zeros(1, device=device)
+    rows = resize_weights(zero, torch.full_like(zero, height), height, resized_h)[0]  # (resized_h, height)
+    cols = resize_weights(zero, torch.full_like(zero, width), width, resized_w)[0]
+    top = torch.randint(0, resized_h - size + 1, (count, 1), device=device)
+    left = torch.randint(0, resized_w - size + 1, (count, 1), device=device)
+    steps = torch.arange(size, device=device)
+    return rows[top + steps], cols[left + steps]
+
+
+def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split RGB images (M, 3, H, W) in [0, 1] into hue in [0, 6), chroma and value, each (M, H, W).
+
+    Chroma (max - min) is value times saturation, which is all that the conversion back needs.
+    """
+    r, g, b = x.unbind(1)
+    value = x.amax(dim=1)
+    chroma = value - x.amin(dim=1)
+    divisor = torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # grey pixels get hue 0
+    # Hue sector by the largest channel, red first on ties, as torchvision's _rgb2hsv decides.
+    hue = torch.where(value == r, (g - b) / divisor,
+                      torch.where(value == g, 2 + (b - r) / divisor, 4 + (r - g) / divisor))
+    return hue % 6, chroma, value
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images (M, 3, H, W) in [0, 1] by `shift` (M,) turns, as
+    torchvision's adjust_hue does: through HSV, with saturation and value kept."""
+    hue, chroma, value = rgb_to_hsv(x)
+    hue = hue + 6 * shift.view(-1, 1, 1)
+    channels = []
+    for n in (5, 3, 1):  # R, G, B from hue, saturation and value
+        k = (hue + n) % 6
+        channels.append(value - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(channels, dim=1)
+
+
+def adjust_color(x: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
+    """Apply one of ColorJitter's adjustments to images (M, 3, H, W) in [0, 1] with a factor per image (M,),
+    with torchvision's definitions: 0 brightness, 1 contrast, 2 saturation, 3 hue."""
+    if op == 3:
+        return adjust_hue(x, factor)
+    f = factor.view(-1, 1, 1, 1)
+    if op == 0:
+        return (f * x).clamp(0, 1)
+    if op == 1:
+        reference = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)  # mean grey level of each image
+    else:
+        reference = grayscale(x)
+    return (f * x + (1 - f) * reference).clamp(0, 1)
+
+
+def color_jitter_batch(x: torch.Tensor, strengths: Sequence[float], prob: float) -> torch.Tensor:
+    """Jitter brightness, contrast, saturation and hue of a `prob` fraction of the images (M, 3, H, W),
+    each with its own factors and its own random order of the four adjustments, as ColorJitter does."""
+    m = x.shape[0]
+    applied = torch.rand(m, device=x.device) < prob
+    factors = []
+    for op, s in enumerate(strengths):
+        if op < 3:  # ColorJitter's factor range is [max(0, 1 - s), 1 + s]
+            low = max(0.0, 1 - s)
+            factors.append(low + torch.rand(m, device=x.device) * (1 + s - low))
+        else:  # hue shift in [-s, s] turns
+            factors.append((torch.rand(m, device=x.device) * 2 - 1) * s)
+    order = torch.rand(m, 4, device=x.device).argsort(dim=1)  # (M, 4): the op of each image in each round
+    x = x.clone()
+    for position in range(4):
+        for op, s in enumerate(strengths):
+            if s == 0:
+                continue
+            # NOTE: the index sets depend on the drawn order, so torch.compile breaks the graph here.
+            index = torch.nonzero(applied & (order[:, position] == op)).squeeze(1)
+            if index.numel() > 0:
+                x[index] = adjust_color(x[index], op, factors[op][index])
+    return x
+
+
+def gaussian_blur_batch(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur images (M, 3, H, W) with Gaussian kernels of `kernel_size` taps and one sigma per image (M,),
+    with torchvision's kernel and reflect padding, as two 1-D convolutions."""
+    m, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    taps = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (M*3, k)
+    pad = kernel_size // 2
+    planes = F.pad(x.reshape(1, m * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    planes = F.conv2d(planes, kernel.view(m * c, 1, kernel_size, 1), groups=m * c)
+    planes = F.conv2d(planes, kernel.view(m * c, 1, 1, kernel_size), groups=m * c)
+    return planes.view(m, c, h, w)
+
+
+def augment_batch(images: torch.Tensor, recipe: AugmentRecipe, crop: bool = True,
+                  normalize: bool = True) -> torch.Tensor:
+    """Augment a batch of uint8 images (M, 3, H, W) on their device, drawing new parameters for every
+    image; return float32 views (M, 3, S, S), normalised unless `normalize` is False ([0, 1] then).
+
+    Steps: crop and resize (with `crop`; otherwise the images must be S x S crops already), flip,
+    colour jitter and greyscale (in the recipe's order), blur, solarisation, normalisation.
+    """
+    m, _, height, width = images.shape
+    device = images.device
+    size = recipe.image_size
+    if crop:
+        rows, cols = crop_matrices(m, height, width, recipe, device)
+    else:
+        if (height, width) != (size, size):
+            raise ValueError(f"uncropped images must be {size} x {size}, got {height} x {width}")
+        rows = cols = torch.eye(size, device=device).expand(m, size, size)
+    # The flip reverses the order of the output columns, and 1/255 scales to [0, 1]: both ride
+    # on the resampling matrices, so the pixels are touched once.
+    flipped = torch.rand(m, device=device) < recipe.flip_prob
+    cols = torch.where(flipped.view(-1, 1, 1), cols.flip(1), cols)
+    x = (rows / 255).unsqueeze(1) @ images.float() @ cols.transpose(1, 2).unsqueeze(1)  # (M, 3, S, S)
+    x = x.clamp(0, 1)  # against rounding just outside the range
+
+    grey = torch.rand(m, device=device) < recipe.grayscale_prob
+    if recipe.grayscale_before_jitter:
+        x = torch.where(grey.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+    if recipe.jitter_prob > 0 and any(recipe.jitter):
+        x = color_jitter_batch(x, recipe.jitter, recipe.jitter_prob)
+    if not recipe.grayscale_before_jitter:
+        x = torch.where(grey.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+
+    if recipe.blur_prob > 0:
+        sigma = torch.empty(m, device=device).uniform_(*recipe.blur_sigma)
+        blurred = torch.rand(m, device=device) < recipe.blur_prob
+        index = torch.nonzero(blurred).squeeze(1)
+        if index.numel() > 0:
+            x[index] = gaussian_blur_batch(x[index], blur_kernel_size(size), sigma[index])
+    if recipe.solarize_prob > 0:
+        solarized = (torch.rand(m, device=device) < recipe.solarize_prob).view(-1, 1, 1, 1)
+        x = torch.where(solarized & (x >= recipe.solarize_threshold), 1 - x, x)
+
+    if normalize:
+        mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(recipe.std, device=device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+def in_memory_images(info: DataInfo) -> Optional[torch.Tensor]:
+    """Return the pretraining images as one uint8 tensor (count, 3, H, W) on the CPU, or None when
+    they should be decoded by data-loader workers instead.
+
+    CIFAR and STL-10 come as arrays already (3 KB and 27 KB an image). A `folder` dataset of small
+    images is decoded once, here, when all its images have the same size. Large images stay on
+    disk, because their random crops need the full resolution.
+    """
+    if info.name in ("cifar10", "cifar100"):
+        data = _torchvision_dataset(info.name, info.root, "train", None, download=False).data  # (count, H, W, 3)
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    if info.name == "stl10":
+        return torch.from_numpy(_torchvision_dataset(info.name, info.root, "train+unlabeled", None, download=False).data)
+    if not info.small_images:
+        return None
+    folder = image_folder(os.path.join(info.root, "train"), T.PILToTensor())
+    first = folder[0][0]
+    images = torch.empty(len(folder), *first.shape, dtype=torch.uint8)
+    for index in range(len(folder)):
+        image = folder[index][0]
+        if image.shape != first.shape:
+            return None
+        images[index] = image
+    return images
+
+
+class DeviceBatches:
+    """Per-process batches drawn from uint8 images held on the training device, augmented there.
+
+    Iterates like the data loader of `pretrain_loader`: it yields (views, None) for the indices
+    that the sampler gives this process, dropping the last partial batch, with no worker processes.
+    """
+
+    def __init__(self, images: torch.Tensor, sampler: ResumableDistributedSampler, batch_per_process: int,
+                 augment: Callable[[torch.Tensor], Any]):
+        self.images, self.sampler, self.batch, self.augment = images, sampler, batch_per_process, augment
+
+    def __iter__(self):
+        indices = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        for start in range(0, len(indices) - self.batch + 1, self.batch):
+            batch = self.images[indices[start:start + self.batch].to(self.images.device)]
+            yield self.augment(batch), None
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch
+
+
+class DeviceAugmentedLoader:
+    """A data loader of uint8 crops decoded by workers, whose views are finished on the training device."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, augment: Callable[[torch.Tensor], Any]):
+        self.loader, self.device, self.augment = loader, device, augment
+
+    def __iter__(self):
+        for crops, _ in self.loader:  # crops: one (N, 3, S, S) uint8 tensor per view
+            crops = torch.cat(list(crops)).to(self.device, non_blocking=True)  # (V*N, 3, S, S)
+            yield self.augment(crops), None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class ManyViews:
+    """Apply one random transform `views` times to the same image."""
+
+    def __init__(self, transform: Callable, views: int):
+        self.transform, self.views = transform, views
+
+    def __call__(self, image):
+        return [self.transform(image) for _ in range(self.views)]
+
+
+def device_pretrain_loader(info: DataInfo, recipe: AugmentRecipe, views: int, finish: Callable[[torch.Tensor], Any],
+                           batch_per_process: int, workers: int, env: DistEnv, seed: int,
+                           normalize: bool = True):
+    """Build a loader whose batches are augmented on env.device by `augment_batch`.
+
+    Every image of a batch gets `views` views, each with its own parameters. `finish` turns the
+    (views*N, 3, S, S) result into what the training step takes (two views, a patch grid).
+    Datasets that `in_memory_images` holds are copied to the device and need no workers.
+    Returns (loader, sampler, number of images).
+    """
+    images = in_memory_images(info)
+    if images is not None:
+        sampler = ResumableDistributedSampler(images, env, seed)
+
+        def augment(batch: torch.Tensor):
+            return finish(augment_batch(batch.repeat(views, 1, 1, 1), recipe, normalize=normalize))
+
+        return DeviceBatches(images.to(env.device), sampler, batch_per_process, augment), sampler, len(images)
+
+    # Large images: workers decode and crop (uint8), the device does the rest.
+    dataset = pretrain_dataset(info, ManyViews(crop_transform(recipe), views))
+    loader, sampler = pretrain_loader(dataset, batch_per_process, workers, env, seed)
+
+    def augment_crops(crops: torch.Tensor):
+        return finish(augment_batch(crops, recipe, crop=False, normalize=normalize))
+
+    return DeviceAugmentedLoader(loader, env.device, augment_crops), sampler, len(dataset)
+
+
+def loading_summary(loader: Any, workers: int) -> str:
+    """Describe for the start-up message where the views of `loader` are made."""
+    if isinstance(loader, DeviceBatches):
+        return "images held on the device and augmented there in batches"
+    if isinstance(loader, DeviceAugmentedLoader):
+        return f"{workers} loader workers per process decode and crop, the device augments"
+    return f"loader workers per process: {workers}"
+
+
+def two_view_loader(info: DataInfo, transform: Callable, recipe: AugmentRecipe, on_device: bool,
+                    batch_per_process: int, workers: int, env: DistEnv, seed: int):
+    """Build the loader of two views of every image: per image with `transform` in data-loader
+    workers, or in batches on env.device with `recipe` (`on_device`). Both yield ((x1, x2), labels or
+    None) with x1 and x2 (N, 3, S, S). Returns (loader, sampler, number of images)."""
+    if on_device:
+        return device_pretrain_loader(info, recipe, 2, lambda views: tuple(views.chunk(2)), batch_per_process,
+                                      workers, env, seed)
+    dataset = pretrain_dataset(info, TwoViews(transform))
+    loader, sampler = pretrain_loader(dataset, batch_per_process, workers, env, seed)
+    return loader, sampler, len(dataset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1203,6 +1620,7 @@ def check_finite_loss(loss_value: float, step: int, lr: float, last_finite: tupl
 RESUMABLE_CHANGES = {
     "resume", "output_dir", "overwrite", "max_steps", "log_every", "knn_every",
     "checkpoint_every", "workers", "compile", "channels_last", "data_dir", "precision", "sync_bn",
+    "augment_on_device",
 }
 
 

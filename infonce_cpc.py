@@ -88,6 +88,8 @@ class Args:
     """compile the model with torch.compile"""
     channels_last: bool = True
     """keep patches and activations in channels-last (NHWC) memory layout, which convolutions run faster in on recent GPUs and on x86 CPUs"""
+    augment_on_device: bool = torch.cuda.is_available()
+    """augment the views in batches on the training device (common.augment_batch) instead of image by image in data-loader workers; CIFAR, STL-10 and folders of small images are then held on the device as uint8. Default: on when CUDA is available"""
 
     # Patches and model
     patch_size: Optional[int] = None
@@ -163,18 +165,22 @@ class PatchViews:
         self.jitter, self.jitter_prob = args.patch_jitter, args.patch_jitter_prob
         self.grayscale_prob, self.color_drop_prob = args.patch_grayscale_prob, args.color_drop_prob
 
-    def __call__(self, image) -> torch.Tensor:
-        x = self.image_transform(image)  # (3, H, W) in [0, 1]
-        patches = common.extract_patches(x.unsqueeze(0), self.patch_size, self.stride)[0]  # (G, G, 3, P, P)
-        grid = patches.shape[:2]
-        x = common.jitter_batch(patches.reshape(-1, *patches.shape[2:]), self.jitter, self.jitter_prob,
-                                self.grayscale_prob)  # (G*G, 3, P, P)
-        x = (x - self.mean) / self.std
+    def augment_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Cut images (N, 3, H, W) in [0, 1] into the grid, then jitter and normalise every patch on
+        its own; return (N, G, G, 3, P, P) on the images' device."""
+        patches = common.extract_patches(x, self.patch_size, self.stride)  # (N, G, G, 3, P, P)
+        grid_shape = patches.shape
+        x = common.jitter_batch(patches.reshape(-1, *grid_shape[3:]), self.jitter, self.jitter_prob,
+                                self.grayscale_prob)  # (N*G*G, 3, P, P)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         # Colour dropping (CPC v2): keep one random channel; the other two become 0, the mean after normalisation.
-        dropped = torch.rand(x.shape[0], 1, 1, 1) < self.color_drop_prob
-        kept = F.one_hot(torch.randint(3, (x.shape[0],)), 3).view(-1, 3, 1, 1).bool()
-        x = torch.where(dropped & ~kept, torch.zeros(()), x)
-        return x.reshape(*grid, *x.shape[1:])
+        dropped = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.color_drop_prob
+        kept = F.one_hot(torch.randint(3, (x.shape[0],), device=x.device), 3).view(-1, 3, 1, 1).bool()
+        x = torch.where(dropped & ~kept, torch.zeros((), device=x.device), x)
+        return x.reshape(grid_shape)
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.augment_patches(self.image_transform(image).unsqueeze(0))[0]  # (3, H, W) in [0, 1] first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,15 +346,23 @@ def main(args: Args) -> None:
 
     # Data: the patch grid of one augmented view of every image, per-process batches of N images.
     common.prepare_download(info, env)
-    dataset = common.pretrain_dataset(info, PatchViews(args, info.image_size, patch_size, stride, info.mean, info.std))
-    loader, sampler = common.pretrain_loader(dataset, batch_per_process, workers, env, args.seed)
-    steps_per_epoch = len(dataset) // args.batch_size
+    views = PatchViews(args, info.image_size, patch_size, stride, info.mean, info.std)
+    if args.augment_on_device:  # the crop, flip and greyscale of PatchViews.image_transform, in batches
+        recipe = common.AugmentRecipe(info.image_size, info.mean, info.std, resize_crop=args.crop_fraction,
+                                      flip_prob=0.5 if args.flip else 0.0, grayscale_prob=args.grayscale_prob)
+        loader, sampler, num_images = common.device_pretrain_loader(
+            info, recipe, 1, views.augment_patches, batch_per_process, workers, env, args.seed, normalize=False)
+    else:
+        dataset = common.pretrain_dataset(info, views)
+        loader, sampler = common.pretrain_loader(dataset, batch_per_process, workers, env, args.seed)
+        num_images = len(dataset)
+    steps_per_epoch = num_images // args.batch_size
     if state is not None:
         # Before the batch check, so a resume with other flags names the flags that differ.
         common.check_resume(state, resolved, steps_per_epoch, args.resume)
     if steps_per_epoch == 0:
         raise common.ConfigError(
-            f"the dataset has {len(dataset)} images, fewer than one global batch of "
+            f"the dataset has {num_images} images, fewer than one global batch of "
             f"--batch-size {args.batch_size}; use a smaller batch"
         )
     knn_sets = common.knn_datasets(info, args.knn_every, env)
@@ -399,13 +413,13 @@ def main(args: Args) -> None:
                        normalization_std=info.std)
         common.write_args_json(output_dir, resolved, derived)
         candidates = args.batch_size * grid * grid
-        print(f"infonce_cpc: {args.arch} ({args.norm} norm) on {info.name} ({len(dataset)} images of "
+        print(f"infonce_cpc: {args.arch} ({args.norm} norm) on {info.name} ({num_images} images of "
               f"{info.image_size} px) -> {output_dir}")
         print(f"patches: {grid} x {grid} grid of {patch_size} px every {stride} px | predict {args.pred_steps} "
               f"rows after skipping {skip} | {candidates} candidates per prediction")
         print(f"processes {env.world_size} on {env.device} | batch {args.batch_size} global, "
               f"{batch_per_process} per process | Adam lr {args.lr}, {args.schedule} | {precision} | "
-              f"loader workers per process: {workers}")
+              f"{common.loading_summary(loader, workers)}")
         print(f"steps: {steps_per_epoch} per epoch, {total_steps} in the schedule, stopping at {stop_step}; "
               f"starting at step {step}")
 

@@ -89,6 +89,8 @@ class Args:
     """compile both encoders with torch.compile"""
     channels_last: bool = True
     """keep images and activations in channels-last (NHWC) memory layout, which convolutions run faster in on recent GPUs and on x86 CPUs"""
+    augment_on_device: bool = torch.cuda.is_available()
+    """augment the views in batches on the training device (common.augment_batch) instead of image by image in data-loader workers; CIFAR, STL-10 and folders of small images are then held on the device as uint8. Default: on when CUDA is available"""
 
     # Model
     arch: common.ResNetArch = "resnet50"
@@ -351,13 +353,15 @@ def main(args: Args) -> None:
     # Data: a query view and a key view of every image, per-process batches of N images.
     common.prepare_download(info, env)
     augmentation = common.moco_augmentation(info.image_size, info.mean, info.std, aug_plus, blur, args.min_crop_scale)
-    dataset = common.pretrain_dataset(info, common.TwoViews(augmentation))
-    steps_per_epoch = len(dataset) // args.batch_size
+    recipe = common.moco_recipe(info.image_size, info.mean, info.std, aug_plus, blur, args.min_crop_scale)
+    loader, sampler, num_images = common.two_view_loader(info, augmentation, recipe, args.augment_on_device,
+                                                         batch_per_process, workers, env, args.seed)
+    steps_per_epoch = num_images // args.batch_size
     if state is not None:
         common.check_resume_steps(state, steps_per_epoch, args.resume)
     if steps_per_epoch == 0:
         raise common.ConfigError(
-            f"the dataset has {len(dataset)} images, fewer than one global batch of "
+            f"the dataset has {num_images} images, fewer than one global batch of "
             f"--batch-size {args.batch_size}; use a smaller batch"
         )
     knn_sets = common.knn_datasets(info, args.knn_every, env)
@@ -380,7 +384,6 @@ def main(args: Args) -> None:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     common.seed_everything(args.seed + env.rank)
-    loader, sampler = common.pretrain_loader(dataset, batch_per_process, workers, env, args.seed)
     optimizer = common.build_optimizer("sgd", model, peak_lr, args.sgd_momentum, args.weight_decay)
     scaler = common.make_grad_scaler(precision, env.device)
     step = 0
@@ -407,20 +410,20 @@ def main(args: Args) -> None:
                        device=str(env.device), normalization_mean=info.mean, normalization_std=info.std)
         common.write_args_json(output_dir, resolved, derived)
         schedule = "cosine" if cos else f"divided by 10 at epochs {' '.join(map(str, args.lr_drops)) or '(none)'}"
-        print(f"moco: {args.arch} on {info.name} ({len(dataset)} images of {info.image_size} px, "
+        print(f"moco: {args.arch} on {info.name} ({num_images} images of {info.image_size} px, "
               f"{'v2' if aug_plus else 'v1'} augmentation, blur {blur}) -> {output_dir}")
         print(f"processes {env.world_size} on {env.device} | batch {args.batch_size} global, {batch_per_process} "
               f"per process, BatchNorm splits {bn_splits} | K {args.queue_size}, m {args.momentum}, tau {tau}, "
               f"{'MLP' if mlp else 'linear'} head{', symmetric' if args.symmetric else ''} | lr {args.lr} per 256, "
-              f"{peak_lr:.4g} peak, {schedule} | {precision} | loader workers per process: {workers}")
+              f"{peak_lr:.4g} peak, {schedule} | {precision} | {common.loading_summary(loader, workers)}")
         print(f"steps: {steps_per_epoch} per epoch, {total_steps} in the schedule, stopping at {stop_step}; "
               f"starting at step {step}")
         late = [str(drop) for drop in args.lr_drops if drop >= args.epochs]
         if not cos and late:
             print(f"note: --lr-drops {' '.join(late)} lie at or after --epochs {args.epochs}, so the learning rate "
                   f"does not drop there; pass earlier --lr-drops, or --cos for a cosine decay")
-        if args.queue_size > len(dataset):
-            print(f"note: the queue (K {args.queue_size}) is longer than the dataset ({len(dataset)} images), so it "
+        if args.queue_size > num_images:
+            print(f"note: the queue (K {args.queue_size}) is longer than the dataset ({num_images} images), so it "
                   f"holds older keys of the same images")
         if env.world_size == 1 and bn_splits == 1:
             print("note: with one process and --bn-splits 1, shuffling the key batch does not change its BatchNorm "

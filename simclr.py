@@ -77,6 +77,8 @@ class Args:
     """compile the model with torch.compile"""
     channels_last: bool = True
     """keep images and activations in channels-last (NHWC) memory layout, which convolutions run faster in on recent GPUs and on x86 CPUs"""
+    augment_on_device: bool = torch.cuda.is_available()
+    """augment the views in batches on the training device (common.augment_batch) instead of image by image in data-loader workers; CIFAR, STL-10 and folders of small images are then held on the device as uint8. Default: on when CUDA is available"""
     sync_bn: bool = True
     """synchronise BatchNorm statistics across processes (SimCLR authors' code: global_bn=True); needs CUDA when there is more than one process"""
 
@@ -212,15 +214,16 @@ def main(args: Args) -> None:
     # Data: two views of every image, per-process batches of N images.
     common.prepare_download(info, env)
     augmentation = common.simclr_augmentation(info.image_size, info.mean, info.std, strength, blur)
-    dataset = common.pretrain_dataset(info, common.TwoViews(augmentation))
-    loader, sampler = common.pretrain_loader(dataset, batch_per_process, workers, env, args.seed)
-    steps_per_epoch = len(dataset) // args.batch_size
+    recipe = common.simclr_recipe(info.image_size, info.mean, info.std, strength, blur)
+    loader, sampler, num_images = common.two_view_loader(info, augmentation, recipe, args.augment_on_device,
+                                                         batch_per_process, workers, env, args.seed)
+    steps_per_epoch = num_images // args.batch_size
     if state is not None:
         # Before the batch check, so a resume with other flags names the flags that differ.
         common.check_resume(state, resolved, steps_per_epoch, args.resume)
     if steps_per_epoch == 0:
         raise common.ConfigError(
-            f"the dataset has {len(dataset)} images, fewer than one global batch of "
+            f"the dataset has {num_images} images, fewer than one global batch of "
             f"--batch-size {args.batch_size}; use a smaller batch"
         )
     knn_sets = common.knn_datasets(info, args.knn_every, env)
@@ -265,11 +268,11 @@ def main(args: Args) -> None:
                        stop_step=stop_step, blur=blur, cifar_stem=info.small_images, device=str(env.device),
                        normalization_mean=info.mean, normalization_std=info.std)
         common.write_args_json(output_dir, resolved, derived)
-        print(f"simclr: {args.arch} on {info.name} ({len(dataset)} images of {info.image_size} px, "
+        print(f"simclr: {args.arch} on {info.name} ({num_images} images of {info.image_size} px, "
               f"colour strength {strength}, blur {blur}) -> {output_dir}")
         print(f"processes {env.world_size} on {env.device} | batch {args.batch_size} global, "
               f"{batch_per_process} per process | lr {args.lr} base, {peak_lr:.4g} peak ({args.lr_scaling} "
-              f"scaling) | {precision} | loader workers per process: {workers}")
+              f"scaling) | {precision} | {common.loading_summary(loader, workers)}")
         print(f"steps: {steps_per_epoch} per epoch, {warmup_steps} warm-up, {total_steps} in the "
               f"schedule, stopping at {stop_step}; starting at step {step}")
 
