@@ -166,8 +166,10 @@ class PatchViews:
         self.grayscale_prob, self.color_drop_prob = args.patch_grayscale_prob, args.color_drop_prob
 
     def augment_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """Cut images (N, 3, H, W) in [0, 1] into the grid, then jitter and normalise every patch on
-        its own; return (N, G, G, 3, P, P) on the images' device."""
+        """Cut images (N, 3, H, W) in [0, 1] into the grid, then jitter and normalise every patch on its own.
+
+        Returns (N, G, G, 3, P, P) on the images' device.
+        """
         patches = common.extract_patches(x, self.patch_size, self.stride)  # (N, G, G, 3, P, P)
         grid_shape = patches.shape
         x = common.jitter_batch(patches.reshape(-1, *grid_shape[3:]), self.jitter, self.jitter_prob,
@@ -180,7 +182,8 @@ class PatchViews:
         return x.reshape(grid_shape)
 
     def __call__(self, image) -> torch.Tensor:
-        return self.augment_patches(self.image_transform(image).unsqueeze(0))[0]  # (3, H, W) in [0, 1] first
+        x = self.image_transform(image)  # (3, H, W) in [0, 1]
+        return self.augment_patches(x.unsqueeze(0))[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""Training with --augment-on-device on the CPU: a short run of every method script, exact resume,
+the images held in memory, the worker path for folders of mixed image sizes, and 2 processes.
+
+Runs use the synthetic image folder (26 training images of 32 px) with a global batch of 8, so an
+epoch has 3 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import describe_failure, read_metrics, run_script, run_torchrun
+
+RUN_ARGS = ("--dataset", "folder", "--arch", "resnet18", "--batch-size", "8", "--workers", "0",
+            "--knn-every", "1", "--log-every", "1", "--augment-on-device")
+# Each method with the flags that a batch of 8 needs (MoCo's queue is a multiple of the batch)
+# and, for CPC, 16-pixel crops so that its 7 x 7 patch grid stays small.
+METHOD_ARGS = {
+    "simclr.py": ("--epochs", "4", "--warmup-epochs", "1"),
+    "dcl.py": ("--epochs", "4", "--warmup-epochs", "1"),
+    "moco.py": ("--epochs", "4", "--queue-size", "16"),
+    "infonce_cpc.py": ("--epochs", "4", "--image-size", "16"),
+}
+
+
+def run_method(script: str, image_folder, output_dir, *extra: str):
+    result = run_script(script, *RUN_ARGS, *METHOD_ARGS[script], "--data-dir", str(image_folder),
+                        "--output-dir", str(output_dir), *extra)
+    assert result.returncode == 0, describe_failure(result)
+    return result
+
+
+def load(run_dir) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)
+
+
+def losses(run_dir) -> list[float]:
+    return [line["loss"] for line in read_metrics(run_dir) if "loss" in line]
+
+
+@pytest.mark.parametrize("script", sorted(METHOD_ARGS))
+def test_method_trains_on_device(script, image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_method(script, image_folder, run_dir, "--max-steps", "3")
+    assert "images held on the device and augmented there in batches" in result.stdout
+    assert json.loads((run_dir / "args.json").read_text())["augment_on_device"] is True
+    values = losses(run_dir)
+    assert len(values) == 3
+    assert all(math.isfinite(value) for value in values), values
+    assert load(run_dir)["step"] == 3
+    knn = [line["knn_top1"] for line in read_metrics(run_dir) if "knn_top1" in line]
+    assert len(knn) == 1
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "infonce_cpc.py"])
+def test_on_device_resume_bit_identical(script, image_folder, tmp_path):
+    # The batched augmentation draws from torch's global random state, which the checkpoint
+    # stores, so 2 steps, a resume and 2 more steps repeat 4 straight steps exactly.
+    straight_dir, split_dir = tmp_path / "straight", tmp_path / "split"
+    run_method(script, image_folder, straight_dir, "--max-steps", "4")
+    run_method(script, image_folder, split_dir, "--max-steps", "2")
+    result = run_script(script, *RUN_ARGS, *METHOD_ARGS[script], "--data-dir", str(image_folder),
+                        "--max-steps", "4", "--resume", str(split_dir / "checkpoint.pt"))
+    assert result.returncode == 0, describe_failure(result)
+    straight, resumed = load(straight_dir), load(split_dir)
+    different = [name for name, value in straight["model"].items() if not torch.equal(value, resumed["model"][name])]
+    assert different == [], f"entries differ after resume: {different[:5]}"
+    assert losses(split_dir) == losses(straight_dir)
+
+
+def test_on_device_differs_from_workers(image_folder, tmp_path):
+    # The flag must change where the views are made: same seed, other augmentation draws.
+    device_dir, workers_dir = tmp_path / "device", tmp_path / "workers"
+    run_method("simclr.py", image_folder, device_dir, "--max-steps", "1")
+    run_method("simclr.py", image_folder, workers_dir, "--max-steps", "1", "--no-augment-on-device")
+    assert losses(device_dir) != losses(workers_dir)
+
+
+def test_in_memory_images_match_files(image_folder):
+    info = common.describe_dataset("folder", str(image_folder), None)
+    images = common.in_memory_images(info)
+    folder = common.image_folder(str(image_folder / "train"), None)
+    assert images.dtype == torch.uint8
+    assert images.shape == (len(folder), 3, 32, 32)
+    for index, (path, _) in enumerate(folder.samples):
+        expected = torch.from_numpy(np.array(common.load_rgb_image(path))).permute(2, 0, 1)
+        assert torch.equal(images[index], expected), path
+
+
+@pytest.fixture
+def mixed_size_folder(tmp_path):
+    """Class folders of images of two sizes, which cannot be stacked into one tensor."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for class_name in ("a", "b"):
+            for i in range(6):
+                side = (40, 40) if i % 2 else (36, 48)
+                path = tmp_path / split / class_name / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (*side, 3), dtype=np.uint8)).save(path)
+    return tmp_path
+
+
+def test_mixed_sizes_use_workers(mixed_size_folder, tmp_path):
+    info = common.describe_dataset("folder", str(mixed_size_folder), 32)
+    assert common.in_memory_images(info) is None
+    result = run_script("simclr.py", *RUN_ARGS, "--data-dir", str(mixed_size_folder), "--image-size", "32",
+                        "--max-steps", "2", "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, describe_failure(result)
+    assert "loader workers per process decode and crop, the device augments" in result.stdout
+    assert all(math.isfinite(value) for value in losses(tmp_path / "run"))
+
+
+def test_device_loader_batches(image_folder):
+    info = common.describe_dataset("folder", str(image_folder), None)
+    env = common.read_dist_env()
+    recipe = common.simclr_recipe(32, info.mean, info.std, 0.5, blur=False)
+    loader, sampler, count = common.device_pretrain_loader(info, recipe, 2, lambda v: tuple(v.chunk(2)), 8, 0,
+                                                           env, seed=0)
+    sampler.set_epoch(0)
+    batches = [views for views, _ in loader]
+    assert count == 26
+    assert len(batches) == len(loader) == 3
+    for x1, x2 in batches:
+        assert x1.shape == x2.shape == (8, 3, 32, 32)
+        assert x1.dtype == torch.float32
+        assert not torch.equal(x1, x2)
+
+
+def test_worker_crops_finished_on_device(mixed_size_folder):
+    info = common.describe_dataset("folder", str(mixed_size_folder), 32)
+    env = common.read_dist_env()
+    recipe = common.simclr_recipe(32, info.mean, info.std, 0.5, blur=False)
+    loader, sampler, count = common.device_pretrain_loader(info, recipe, 2, lambda v: tuple(v.chunk(2)), 4, 0,
+                                                           env, seed=0)
+    sampler.set_epoch(0)
+    batches = [views for views, _ in loader]
+    assert count == 12
+    assert len(batches) == 3
+    for x1, x2 in batches:
+        assert x1.shape == x2.shape == (4, 3, 32, 32)
+        assert not torch.equal(x1, x2)
+
+
+def test_two_process_on_device_run(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_torchrun("simclr.py", "--no-sync-bn", *RUN_ARGS, *METHOD_ARGS["simclr.py"], "--data-dir",
+                          str(image_folder), "--max-steps", "2", "--output-dir", str(run_dir))
+    assert result.returncode == 0, describe_failure(result)
+    assert "processes 2" in result.stdout
+    assert len(losses(run_dir)) == 2
