@@ -996,6 +996,8 @@ def augment_batch(images: torch.Tensor, recipe: AugmentRecipe, crop: bool = True
     Steps: crop and resize (with `crop`; otherwise the images must be S x S crops already), flip,
     colour jitter and greyscale (in the recipe's order), blur, solarisation, normalisation.
     """
+    # DEVIATION: the views follow the distributions of the per-image torchvision transforms, but
+    # are computed in float32, where PIL rounds to 8 bits after every step, and draw other random numbers.
     m, _, height, width = images.shape
     device = images.device
     size = recipe.image_size
