@@ -684,9 +684,9 @@ def moco_augmentation(image_size: int, mean: Sequence[float], std: Sequence[floa
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Compute the luma of RGB images (M, 3, H, W) -> (M, 1, H, W) with torchvision's rgb_to_grayscale weights."""
-    # One product and one sum, with the same terms added in the same order as three weighted
-    # channel slices, take less than half their time on the CPU (0.8 ms against 1.8 ms for 1024
-    # images of 32 px on 2 cores).
+    # One product and one sum add the same terms in the same order as three weighted channel
+    # slices. On the CPU they take less than half the time: 0.8 ms against 1.8 ms for 1024 images
+    # of 32 px on 2 cores.
     weights = torch.tensor((0.2989, 0.587, 0.114), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x * weights).sum(dim=1, keepdim=True)
 
@@ -993,11 +993,14 @@ def augment_batch(images: torch.Tensor, recipe: AugmentRecipe, crop: bool = True
 
     Returns float32 views (M, 3, S, S), normalised, or in [0, 1] when `normalize` is False.
 
-    Steps: crop and resize (with `crop`; otherwise the images must be S x S crops already), flip,
-    colour jitter and greyscale (in the recipe's order), blur, solarisation, normalisation.
+    The steps are crop and resize, flip, colour jitter and greyscale (in the recipe's order), blur,
+    solarisation and normalisation. Without `crop`, the images must be S x S crops already.
     """
     # DEVIATION: the views follow the distributions of the per-image torchvision transforms, but
     # are computed in float32, where PIL rounds to 8 bits after every step, and draw other random numbers.
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"augment_batch takes uint8 RGB images (M, 3, H, W), got {images.dtype} "
+                         f"{tuple(images.shape)}; convert with torchvision's pil_to_tensor or (x * 255).byte()")
     m, _, height, width = images.shape
     device = images.device
     size = recipe.image_size
@@ -1018,7 +1021,7 @@ def augment_batch(images: torch.Tensor, recipe: AugmentRecipe, crop: bool = True
     flipped = torch.rand(m, device=device) < recipe.flip_prob
     cols = torch.where(flipped.view(-1, 1, 1), cols.flip(1), cols)
     # Columns first, with the channels and rows stacked: larger products run faster than 3*M small ones.
-    x = torch.bmm(images.float().view(m, -1, width), cols.transpose(1, 2))  # (M, 3*H, S)
+    x = torch.bmm(images.float().reshape(m, -1, width), cols.transpose(1, 2))  # (M, 3*H, S)
     x = torch.matmul((rows / 255).unsqueeze(1), x.view(m, 3, height, size))  # (M, 3, S, S)
     x = x.clamp_(0, 1)  # against rounding just outside the range
 
@@ -1053,25 +1056,30 @@ def in_memory_images(info: DataInfo) -> Optional[torch.Tensor]:
     """Return the pretraining images as one uint8 tensor (count, 3, H, W) on the CPU, or None when
     they should be decoded by data-loader workers instead.
 
-    CIFAR and STL-10 come as arrays already (3 KB and 27 KB an image). A `folder` dataset of small
-    images is decoded once, here, when all its images have the same size. Large images stay on
-    disk, because their random crops need the full resolution.
+    CIFAR and STL-10 come as arrays already (3 KB and 27 KB an image). A `folder` dataset is
+    decoded once, here, when its images are small (64 px or less, judged by the first image) and
+    all have the same size. Larger images stay on disk whatever --image-size is, because holding
+    them would take their full size in memory and their random crops need the full resolution.
     """
     if info.name in ("cifar10", "cifar100"):
         data = _torchvision_dataset(info.name, info.root, "train", None, download=False).data  # (count, H, W, 3)
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     if info.name == "stl10":
-        return torch.from_numpy(_torchvision_dataset(info.name, info.root, "train+unlabeled", None, download=False).data)
-    if not info.small_images:
-        return None
+        data = _torchvision_dataset(info.name, info.root, "train+unlabeled", None, download=False).data
+        return torch.from_numpy(data).contiguous()  # torchvision stores a transposed view
     folder = image_folder(os.path.join(info.root, "train"), T.PILToTensor())
-    first = folder[0][0]
-    images = torch.empty(len(folder), *first.shape, dtype=torch.uint8)
-    for index in range(len(folder)):
-        image = folder[index][0]
-        if image.shape != first.shape:
+    try:
+        first = folder[0][0]
+        if max(first.shape[1:]) > SMALL_IMAGE_MAX_SIDE:
             return None
-        images[index] = image
+        images = torch.empty(len(folder), *first.shape, dtype=torch.uint8)
+        for index in range(len(folder)):
+            image = folder[index][0]
+            if image.shape != first.shape:
+                return None
+            images[index] = image
+    except OSError as error:  # an unreadable image, named by load_rgb_image
+        raise ConfigError(str(error)) from error
     return images
 
 
@@ -1103,8 +1111,9 @@ class DeviceAugmentedLoader:
         self.loader, self.device, self.augment = loader, device, augment
 
     def __iter__(self):
-        for crops, _ in self.loader:  # crops: one (N, 3, S, S) uint8 tensor per view
-            crops = torch.cat(list(crops)).to(self.device, non_blocking=True)  # (V*N, 3, S, S)
+        for crops, _ in self.loader:  # crops: one (N, 3, S, S) uint8 tensor per view, pinned on CUDA
+            # Each view goes to the device before the concatenation, which would lose the pinning.
+            crops = torch.cat([view.to(self.device, non_blocking=True) for view in crops])  # (V*N, 3, S, S)
             yield self.augment(crops), None
 
     def __len__(self) -> int:
@@ -1133,7 +1142,7 @@ def device_pretrain_loader(info: DataInfo, recipe: AugmentRecipe, views: int, fi
     """
     images = in_memory_images(info)
     if images is not None:
-        sampler = ResumableDistributedSampler(images, env, seed)
+        sampler = ResumableDistributedSampler(range(len(images)), env, seed)  # indices only, no second copy
 
         def augment(batch: torch.Tensor):
             return finish(augment_batch(batch.repeat(views, 1, 1, 1), recipe, normalize=normalize))
@@ -1155,7 +1164,7 @@ def loading_summary(loader: Any, workers: int) -> str:
     if isinstance(loader, DeviceBatches):
         return "images held on the device and augmented there in batches"
     if isinstance(loader, DeviceAugmentedLoader):
-        return f"{workers} loader workers per process decode and crop, the device augments"
+        return f"loader workers per process: {workers}, decoding and cropping; the device augments"
     return f"loader workers per process: {workers}"
 
 

@@ -56,7 +56,7 @@ class Args:
     output_dir: Optional[str] = None
     """run folder for checkpoint.pt, backbone.pt, metrics.jsonl and args.json. Unset: the resumed checkpoint's folder, else runs/simclr-<dataset>-<arch>-<time>"""
     resume: Optional[str] = None
-    """checkpoint.pt to continue from: model, optimiser, scaler, step, data order and random states are restored. Only --max-steps, --data-dir, --output-dir, --workers, --precision, --compile, --channels-last, --sync-bn and the logging and checkpoint intervals may differ from the original run"""
+    """checkpoint.pt to continue from: model, optimiser, scaler, step, data order and random states are restored. Only --max-steps, --data-dir, --output-dir, --workers, --precision, --compile, --channels-last, --augment-on-device, --sync-bn and the logging and checkpoint intervals may differ from the original run"""
     overwrite: bool = False
     """allow starting a new run in an --output-dir that already contains a checkpoint"""
     seed: int = 0

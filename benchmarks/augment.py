@@ -1,11 +1,13 @@
 """Two-view augmentation throughput: torchvision per image in data-loader workers against the
 batched `common.augment_batch`, on the CPU and on CUDA when present.
 
-The three contestants make the same two views of the same uint8 images with the same recipe:
+The three contestants make two views of uint8 images with the same recipe, (a) and (b) of the same
+images:
 
     (a) torchvision   the method scripts' per-image transform (PIL), in W data-loader workers
     (b) batched cpu   common.augment_batch on batches held in memory, with W torch threads
-    (c) batched cuda  common.augment_batch on the GPU, images held on the GPU (only with CUDA)
+    (c) batched cuda  common.augment_batch on the GPU, on --cuda-images random images of the same
+                      size held there, in batches of --cuda-batch-size (only with CUDA)
 
 W is --cores, the number of CPU cores that (a) and (b) may use. The images are random pixels in
 the layout of torchvision's CIFAR-10 dataset: an array of H x W x 3 uint8 images, which
@@ -120,6 +122,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per contestant; the median is reported")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images and of the augmentation")
     args = parser.parse_args()
+    for flag in ("image_size", "images", "batch_size", "cuda_batch_size", "cuda_images", "cores", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.images < args.batch_size:
+        parser.error(f"--images {args.images} must hold at least one batch of --batch-size {args.batch_size}")
+    available = len(os.sched_getaffinity(0))
+    if args.cores > available:
+        parser.error(f"--cores {args.cores} is more than the {available} cores this process may use")
 
     torch.manual_seed(args.seed)
     transform, recipe = build_recipe(args.recipe, args.image_size)

@@ -400,6 +400,8 @@ def main() -> None:
         parser.error(f"--steps {args.steps} gives {args.steps // args.log_every} interval(s) of --log-every "
                      f"{args.log_every} steps, none left after --warmup-intervals {args.warmup_intervals}. "
                      f"Raise --steps")
+    if args.image_size is not None and args.image_size < 8:
+        parser.error(f"--image-size {args.image_size} is too small; the method scripts need at least 8 pixels")
     if args.dataset != "folder" and args.data_dir is None:
         parser.error(f"--dataset {args.dataset} needs --data-dir, the folder that contains it (torchvision's root for that dataset)")
     method_args = shlex.split(args.method_args)

@@ -114,7 +114,7 @@ def test_mixed_sizes_use_workers(mixed_size_folder, tmp_path):
     result = run_script("simclr.py", *RUN_ARGS, "--data-dir", str(mixed_size_folder), "--image-size", "32",
                         "--max-steps", "2", "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 0, describe_failure(result)
-    assert "loader workers per process decode and crop, the device augments" in result.stdout
+    assert "loader workers per process: 0, decoding and cropping; the device augments" in result.stdout
     assert all(math.isfinite(value) for value in losses(tmp_path / "run"))
 
 
@@ -156,3 +156,45 @@ def test_two_process_on_device_run(image_folder, tmp_path):
     assert result.returncode == 0, describe_failure(result)
     assert "processes 2" in result.stdout
     assert len(losses(run_dir)) == 2
+
+
+def test_large_images_stay_on_disk(tmp_path):
+    # Images larger than 64 px are not held in memory, even for small training crops.
+    for i in range(2):
+        path = tmp_path / "train" / "a" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((80, 80, 3), dtype=np.uint8)).save(path)
+    info = common.describe_dataset("folder", str(tmp_path), 32)
+    assert common.in_memory_images(info) is None
+
+
+def test_sampler_keeps_no_image_copy(image_folder):
+    info = common.describe_dataset("folder", str(image_folder), None)
+    recipe = common.simclr_recipe(32, info.mean, info.std, 0.5, blur=False)
+    _, sampler, _ = common.device_pretrain_loader(info, recipe, 2, lambda v: v, 8, 0, common.read_dist_env(), 0)
+    assert isinstance(sampler.dataset, range)
+
+
+def test_unreadable_image_in_memory_named(image_folder, tmp_path):
+    import shutil
+    shutil.copytree(image_folder, tmp_path / "data")
+    broken = tmp_path / "data" / "train" / "class_c" / "broken.png"
+    broken.write_bytes(b"not a png")
+    info = common.describe_dataset("folder", str(tmp_path / "data"), None)
+    with pytest.raises(common.ConfigError, match=f"cannot read image {broken}"):
+        common.in_memory_images(info)
+
+
+@pytest.mark.parametrize("images", [torch.rand(2, 3, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.uint8),
+                                    torch.zeros(3, 8, 8, dtype=torch.uint8)], ids=["float", "grey", "unbatched"])
+def test_augment_batch_rejects_other_input(images):
+    recipe = common.AugmentRecipe(8, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ValueError, match="augment_batch takes uint8 RGB images"):
+        common.augment_batch(images, recipe)
+
+
+def test_augment_batch_takes_strided_input():
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    recipe = common.AugmentRecipe(16, (0.5,) * 3, (0.25,) * 3, crop_scale=(1, 1), crop_ratio=(1, 1), flip_prob=0)
+    out = common.augment_batch(images, recipe, normalize=False)
+    assert torch.allclose(out, images.float() / 255, atol=1e-5)
