@@ -12,7 +12,10 @@ import datetime
 import json
 import math
 import os
+import hashlib
 import random
+import shlex
+import signal
 import sys
 import time
 import urllib.error
@@ -113,16 +116,26 @@ def read_dist_env() -> DistEnv:
     return DistEnv(rank, local_rank, world_size, local_world_size, device)
 
 
-def init_distributed(env: DistEnv) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU) when torchrun started several processes."""
+# torch's default process-group timeout. A collective waits this long for a peer that has hung,
+# which must cover rank 0 downloading a dataset while the other ranks wait at a barrier.
+DIST_TIMEOUT_S = 1800.0
+
+
+def init_distributed(env: DistEnv, timeout_s: float = DIST_TIMEOUT_S) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when torchrun started several processes.
+
+    A collective that waits more than `timeout_s` seconds for another process raises an error,
+    so a run whose peer has died or hung stops instead of waiting forever.
+    """
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.distributed:
         backend = "nccl" if env.device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         if backend == "nccl":
-            dist.init_process_group(backend, device_id=env.device)
+            dist.init_process_group(backend, device_id=env.device, timeout=timeout)
         else:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
 
 
 def cleanup_distributed() -> None:
@@ -130,6 +143,118 @@ def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignal:
+    """Record SIGTERM and SIGINT (what SLURM, torchrun and Ctrl-C send), so that the training loop
+    can finish its step, write a checkpoint and exit. A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None  # the first stop signal this process received
+        self.stopping = False  # whether all processes agreed to stop, set by requested()
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._record)
+
+    def _record(self, number: int, frame) -> None:
+        if number == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = number
+
+    def requested(self, env: DistEnv) -> bool:
+        """Return whether any process has received a stop signal, and store the result in `stopping`.
+
+        Every rank must call this at the same step. The result is the same on every rank, even when
+        a signal reaches one rank between two calls.
+        """
+        stop = self.signal is not None
+        if env.distributed:
+            flag = torch.tensor([int(stop)], device=env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and self.signal is None:
+                self.signal = signal.SIGTERM  # another rank received it
+        self.stopping = stop
+        return stop
+
+    def exit(self, checkpoint: str, env: DistEnv) -> None:
+        """Print where the run stopped and how to continue it, leave the process group, and exit
+        with status 128 + the signal number, as a process killed by that signal would."""
+        name = signal.Signals(self.signal).name
+        if env.is_main:
+            command = shlex.join(["python", os.path.basename(sys.argv[0]), *without_resume(sys.argv[1:]),
+                                  "--resume", checkpoint])
+            print(f"stopped by {name} after finishing the step; the checkpoint is {checkpoint}\n"
+                  f"continue with the same command plus --resume {checkpoint} (or --resume auto with "
+                  f"the same --output-dir); for one process:\n  {command}", flush=True)
+        cleanup_distributed()
+        sys.exit(128 + self.signal)
+
+
+def without_resume(argv: list[str]) -> list[str]:
+    """Drop --resume and its value, and --overwrite, from a command line."""
+    kept, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg == "--resume":
+            skip_value = True
+        elif not arg.startswith(("--resume=", "--overwrite", "--no-overwrite")):
+            kept.append(arg)
+    return kept
+
+
+def exit_on_stop_signals(program: str) -> None:
+    """Make SIGTERM and SIGINT end `program`, which keeps no partial state, with exit status 128 +
+    the signal number and a message that tells the user to run the command again."""
+
+    def stop(number: int, frame) -> None:
+        print(f"{program}: stopped by {signal.Signals(number).name} before it finished; it writes nothing "
+              f"part-way, so run the same command again", file=sys.stderr, flush=True)
+        sys.exit(128 + number)
+
+    for number in STOP_SIGNALS:
+        signal.signal(number, stop)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Let data-loader workers ignore SIGTERM and SIGINT, which SLURM and a terminal also send to
+    them: the training process shuts them down after it has written its checkpoint."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional[str]:
+    """Turn --resume auto into the checkpoint in --output-dir, or None (a new run) when it has none."""
+    if resume != "auto":
+        return resume
+    if output_dir is None:
+        raise ConfigError("--resume auto needs --output-dir, the run folder to look for checkpoint.pt in")
+    checkpoint = os.path.join(output_dir, "checkpoint.pt")
+    return checkpoint if os.path.isfile(checkpoint) else None
+
+
+def check_replicas_identical(model: nn.Module, env: DistEnv) -> None:
+    """Raise TrainingError unless every process has the same parameters and buffers, BatchNorm
+    statistics excepted (each process keeps its own without SyncBatchNorm). Every rank must call
+    this; with several processes, rank 0 prints the result."""
+    if not env.distributed:
+        return
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if "running_" in name or name.endswith("num_batches_tracked"):
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests = gather_objects(digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise TrainingError(f"the processes ended with different weights (SHA-256 per rank: {digests}); "
+                            f"the data-parallel synchronisation failed")
+    if env.is_main:
+        print(f"weights identical on all {env.world_size} processes (SHA-256 {digests[0][:16]}, BatchNorm "
+              f"statistics excluded)")
 
 
 def check_positive(**flags: float) -> None:
@@ -503,18 +628,43 @@ def prepare_download(info: DataInfo, env: DistEnv) -> None:
         )
 
 
+class UnreadableImageError(OSError):
+    """An image file that PIL cannot decode."""
+
+
 def load_rgb_image(path: str):
     """Open an image as RGB with torchvision's loader, naming the file when it cannot be decoded."""
     try:
         return torchvision.datasets.folder.pil_loader(path)
     except (OSError, ValueError, SyntaxError) as error:  # PIL's decoding errors, UnidentifiedImageError included
-        raise OSError(f"cannot read image {path}: {error}; remove or replace the file") from error
+        raise UnreadableImageError(f"cannot read image {path}: {error}; remove or replace the file") from error
 
 
-def image_folder(path: str, transform) -> torchvision.datasets.ImageFolder:
-    # NOTE: a corrupt image stops the run, with the file named, when the loader reaches it. It is
-    # neither skipped nor found by a check before training.
-    return torchvision.datasets.ImageFolder(path, transform=transform, loader=load_rgb_image)
+class SkippingImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder that replaces an image it cannot decode by the next readable image and its label,
+    so that a corrupt file does not stop a run hours in. Each skipped file is reported
+    once per process on stderr, with the number skipped so far in that process."""
+
+    def __init__(self, path: str, transform):
+        super().__init__(path, transform=transform, loader=load_rgb_image)
+        self.skipped: set[str] = set()
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                return super().__getitem__(candidate)
+            except UnreadableImageError as error:
+                path = self.samples[candidate][0]
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    print(f"warning: skipped unreadable image {path} ({error.__cause__}); "
+                          f"{len(self.skipped)} skipped so far in this process", file=sys.stderr, flush=True)
+        raise UnreadableImageError(f"none of the {len(self)} images under {self.root} can be read")
+
+
+def image_folder(path: str, transform) -> SkippingImageFolder:
+    return SkippingImageFolder(path, transform)
 
 
 def pretrain_dataset(info: DataInfo, transform) -> Dataset:
@@ -602,6 +752,7 @@ def pretrain_loader(dataset: Dataset, batch_per_process: int, workers: int, env:
         drop_last=True,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed + env.rank),
+        worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler
 
@@ -1661,7 +1812,7 @@ def check_finite_loss(loss_value: float, step: int, lr: float, last_finite: tupl
 RESUMABLE_CHANGES = {
     "resume", "output_dir", "overwrite", "max_steps", "log_every", "knn_every",
     "checkpoint_every", "workers", "compile", "channels_last", "data_dir", "precision", "sync_bn",
-    "augment_on_device",
+    "augment_on_device", "dist_timeout",
 }
 
 
@@ -1741,7 +1892,8 @@ def extract_features(
     # A private generator, so that encoding (the kNN monitor during training) does not advance the
     # global random state and a resumed run draws the same numbers as an uninterrupted one.
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=env.device.type == "cuda", generator=torch.Generator())
+                        num_workers=workers, pin_memory=env.device.type == "cuda", generator=torch.Generator(),
+                        worker_init_fn=ignore_stop_signals)
     features, labels = [], []
     for images, targets in loader:
         with autocast(env.device, precision):

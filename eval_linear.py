@@ -83,6 +83,8 @@ class Args:
     """autocast precision of the backbone: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32"""
     seed: int = 0
     """seed of the probe's initialisation and batch order, and of --random-init"""
+    dist_timeout: float = common.DIST_TIMEOUT_S
+    """seconds that a collective waits for the other processes before the evaluation stops with an error, when a peer has died or hung (torch's default: 1800)"""
 
 
 def linear_probe(feature_dim: int, classes: int, protocol: str = "standard") -> nn.Sequential:
@@ -157,7 +159,8 @@ def train_probe_with_augmentation(backbone: nn.Module, dataset, feature_dim: int
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  seed=args.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=batch_per_process, sampler=sampler, num_workers=workers,
-                        pin_memory=env.device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
+                        pin_memory=env.device.type == "cuda", drop_last=True, persistent_workers=workers > 0,
+                        worker_init_fn=common.ignore_stop_signals)
     probe = linear_probe(feature_dim, classes, args.protocol).to(env.device)
     train_probe = DDP(probe, device_ids=[env.local_rank] if env.device.type == "cuda" else None) \
         if env.distributed else probe
@@ -185,6 +188,7 @@ def train_probe_with_augmentation(backbone: nn.Module, dataset, feature_dim: int
 
 def main(args: Args) -> None:
     env = common.read_dist_env()
+    common.exit_on_stop_signals("eval_linear.py")
     if args.lr is None:
         args = dataclasses.replace(args, lr=30.0 if args.protocol == "moco" else 0.1)
     if args.protocol == "moco":
@@ -233,7 +237,7 @@ def main(args: Args) -> None:
     workers = args.workers if args.workers is not None else common.default_workers(env)
     precision = common.resolve_precision(args.precision, env.device)
 
-    common.init_distributed(env)
+    common.init_distributed(env, args.dist_timeout)
     common.prepare_download(info, env)
     plain = common.eval_transform(info.image_size, info.mean, info.std)
     train_set, test_set = common.eval_datasets(info, plain, plain)

@@ -68,9 +68,11 @@ class Args:
     output_dir: Optional[str] = None
     """run folder for checkpoint.pt, backbone.pt, metrics.jsonl and args.json. Unset: the resumed checkpoint's folder, else runs/moco-<dataset>-<arch>-<time>"""
     resume: Optional[str] = None
-    """checkpoint.pt to continue from: both encoders, queue, optimiser, step, data order and random states are restored. Only --max-steps, --data-dir, --output-dir, --workers, --precision, --compile, --channels-last, --augment-on-device and the logging and checkpoint intervals may differ from the original run"""
+    """checkpoint.pt to continue from: both encoders, queue, optimiser, step, data order and random states are restored. Only --max-steps, --data-dir, --output-dir, --workers, --precision, --compile, --channels-last, --augment-on-device, --dist-timeout and the logging and checkpoint intervals may differ from the original run. `auto`: the checkpoint.pt in --output-dir when there is one, else a new run, so that a requeued job can repeat its command"""
     overwrite: bool = False
     """allow starting a new run in an --output-dir that already contains a checkpoint"""
+    dist_timeout: float = common.DIST_TIMEOUT_S
+    """seconds that a collective waits for the other processes before the run stops with an error, when a peer has died or hung (torch's default: 1800)"""
     seed: int = 0
     """random seed; process r uses seed + r, and every process starts from the same weights and queue"""
     workers: Optional[int] = None
@@ -303,6 +305,7 @@ def check_bn_groups(batch_per_process: int, bn_splits: int, args: Args, world_si
 def main(args: Args) -> None:
     # Processes, batch split, resolved defaults and input checks, all before any work starts.
     env = common.read_dist_env()
+    args = dataclasses.replace(args, resume=common.resolve_resume(args.resume, args.output_dir))
     common.validate_training_args(args, optimizer_momentum="sgd_momentum")
     tau = args.temperature
     if tau is None:
@@ -348,7 +351,7 @@ def main(args: Args) -> None:
     check_queue_size(args.queue_size, keys_per_step, args.symmetric)
     check_bn_groups(batch_per_process, bn_splits, args, env.world_size, info)
 
-    common.init_distributed(env)
+    common.init_distributed(env, args.dist_timeout)
 
     # Data: a query view and a key view of every image, per-process batches of N images.
     common.prepare_download(info, env)
@@ -429,6 +432,7 @@ def main(args: Args) -> None:
             print("note: with one process and --bn-splits 1, shuffling the key batch does not change its BatchNorm "
                   "statistics, so queries and keys are normalised with the same images (the leak shuffling BN avoids)")
 
+    stopper = common.StopSignal()
     model.train()
     interval_start, interval_step = time.perf_counter(), step
     last_finite = (None, None)  # (step, loss) of the last finite logged loss
@@ -487,25 +491,30 @@ def main(args: Args) -> None:
                         "eta_s": seconds_per_step * (stop_step - step),
                     }, metrics_path)
                 interval_start, interval_step = time.perf_counter(), step
+            if stopper.requested(env):  # SIGTERM or SIGINT on any process: checkpoint below, then exit
+                break
             if step >= stop_step:
                 break
 
         # kNN monitor and checkpoint at the end of an epoch, and when the run stops.
         epoch_done = step == (epoch + 1) * steps_per_epoch
-        if knn_sets is not None and (step == stop_step or (epoch_done and (epoch + 1) % args.knn_every == 0)):
+        if knn_sets is not None and not stopper.stopping and (step == stop_step or (epoch_done and (epoch + 1) % args.knn_every == 0)):
             knn = common.knn_monitor(model.backbone, *knn_sets, 2 * batch_per_process, workers, env, precision,
                                      memory_format)
             if env.is_main:
                 common.log_metrics({"epoch": epoch, "step": step, "knn_top1": knn}, metrics_path)
-        if step == stop_step or (epoch_done and (epoch + 1) % args.checkpoint_every == 0):
+        if step == stop_step or stopper.stopping or (epoch_done and (epoch + 1) % args.checkpoint_every == 0):
             common.save_checkpoint(
                 os.path.join(output_dir, "checkpoint.pt"), method=METHOD, args=resolved, info=info,
                 arch=args.arch, cifar_stem=info.small_images, feature_dim=backbone_dim, step=step, epoch=epoch,
                 steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer, scaler=scaler, env=env,
             )
             checkpoint_step = step
+        if stopper.stopping:
+            stopper.exit(os.path.join(output_dir, "checkpoint.pt"), env)
         interval_start, interval_step = time.perf_counter(), step
 
+    common.check_replicas_identical(model, env)
     if env.is_main:
         print(f"done at step {step}: {os.path.join(output_dir, 'checkpoint.pt')}")
         print(f"score it with: python eval_linear.py --checkpoint {os.path.join(output_dir, 'checkpoint.pt')}")

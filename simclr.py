@@ -56,9 +56,11 @@ class Args:
     output_dir: Optional[str] = None
     """run folder for checkpoint.pt, backbone.pt, metrics.jsonl and args.json. Unset: the resumed checkpoint's folder, else runs/simclr-<dataset>-<arch>-<time>"""
     resume: Optional[str] = None
-    """checkpoint.pt to continue from: model, optimiser, scaler, step, data order and random states are restored. Only --max-steps, --data-dir, --output-dir, --workers, --precision, --compile, --channels-last, --augment-on-device, --sync-bn and the logging and checkpoint intervals may differ from the original run"""
+    """checkpoint.pt to continue from: model, optimiser, scaler, step, data order and random states are restored. Only --max-steps, --data-dir, --output-dir, --workers, --precision, --compile, --channels-last, --augment-on-device, --dist-timeout, --sync-bn and the logging and checkpoint intervals may differ from the original run. `auto`: the checkpoint.pt in --output-dir when there is one, else a new run, so that a requeued job can repeat its command"""
     overwrite: bool = False
     """allow starting a new run in an --output-dir that already contains a checkpoint"""
+    dist_timeout: float = common.DIST_TIMEOUT_S
+    """seconds that a collective waits for the other processes before the run stops with an error, when a peer has died or hung (torch's default: 1800)"""
     seed: int = 0
     """random seed; process r uses seed + r"""
     workers: Optional[int] = None
@@ -185,6 +187,7 @@ def nt_xent(z: torch.Tensor, z_all: torch.Tensor, tau: float, offset: int = 0) -
 def main(args: Args) -> None:
     # Processes, batch split and input checks, all before any work starts.
     env = common.read_dist_env()
+    args = dataclasses.replace(args, resume=common.resolve_resume(args.resume, args.output_dir))
     common.validate_training_args(args)
     common.check_positive(temperature=args.temperature, projection_dim=args.projection_dim)
     batch_per_process = common.per_process_batch(args.batch_size, env.world_size)  # N
@@ -208,7 +211,7 @@ def main(args: Args) -> None:
                                    color_jitter_strength=strength, workers=workers, precision=precision)
     state = common.load_checkpoint(args.resume, METHOD) if args.resume is not None else None
 
-    common.init_distributed(env)
+    common.init_distributed(env, args.dist_timeout)
     common.seed_everything(args.seed + env.rank)
 
     # Data: two views of every image, per-process batches of N images.
@@ -276,6 +279,7 @@ def main(args: Args) -> None:
         print(f"steps: {steps_per_epoch} per epoch, {warmup_steps} warm-up, {total_steps} in the "
               f"schedule, stopping at {stop_step}; starting at step {step}")
 
+    stopper = common.StopSignal()
     model.train()
     interval_start, interval_step = time.perf_counter(), step
     last_finite = (None, None)  # (step, loss) of the last finite logged loss
@@ -323,25 +327,30 @@ def main(args: Args) -> None:
                         "eta_s": seconds_per_step * (stop_step - step),
                     }, metrics_path)
                 interval_start, interval_step = time.perf_counter(), step
+            if stopper.requested(env):  # SIGTERM or SIGINT on any process: checkpoint below, then exit
+                break
             if step >= stop_step:
                 break
 
         # kNN monitor and checkpoint at the end of an epoch, and when the run stops.
         epoch_done = step == (epoch + 1) * steps_per_epoch
-        if knn_sets is not None and (step == stop_step or (epoch_done and (epoch + 1) % args.knn_every == 0)):
+        if knn_sets is not None and not stopper.stopping and (step == stop_step or (epoch_done and (epoch + 1) % args.knn_every == 0)):
             knn = common.knn_monitor(model.backbone, *knn_sets, 2 * batch_per_process, workers, env, precision,
                                      memory_format)
             if env.is_main:
                 common.log_metrics({"epoch": epoch, "step": step, "knn_top1": knn}, metrics_path)
-        if step == stop_step or (epoch_done and (epoch + 1) % args.checkpoint_every == 0):
+        if step == stop_step or stopper.stopping or (epoch_done and (epoch + 1) % args.checkpoint_every == 0):
             common.save_checkpoint(
                 os.path.join(output_dir, "checkpoint.pt"), method=METHOD, args=resolved, info=info,
                 arch=args.arch, cifar_stem=info.small_images, feature_dim=feature_dim, step=step, epoch=epoch,
                 steps_per_epoch=steps_per_epoch, model=model, optimizer=optimizer, scaler=scaler, env=env,
             )
             checkpoint_step = step
+        if stopper.stopping:
+            stopper.exit(os.path.join(output_dir, "checkpoint.pt"), env)
         interval_start, interval_step = time.perf_counter(), step
 
+    common.check_replicas_identical(model, env)
     if env.is_main:
         print(f"done at step {step}: {os.path.join(output_dir, 'checkpoint.pt')}")
         print(f"score it with: python eval_linear.py --checkpoint {os.path.join(output_dir, 'checkpoint.pt')}")
