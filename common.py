@@ -286,7 +286,7 @@ def validate_training_args(args: Any, optimizer_momentum: Optional[str] = "momen
     method has it.
     """
     problems = []
-    for name in ("epochs", "lr", "log_every", "checkpoint_every"):
+    for name in ("epochs", "lr", "log_every", "checkpoint_every", "dist_timeout"):
         value = getattr(args, name)
         if not (value > 0 and math.isfinite(value)):
             problems.append(f"--{name.replace('_', '-')} {value} must be a positive finite number")

@@ -193,7 +193,8 @@ def main(args: Args) -> None:
         args = dataclasses.replace(args, lr=30.0 if args.protocol == "moco" else 0.1)
     if args.protocol == "moco":
         args = dataclasses.replace(args, augment=True)
-    common.check_positive(epochs=args.epochs, lr=args.lr, knn_k=args.knn_k, knn_temperature=args.knn_temperature)
+    common.check_positive(epochs=args.epochs, lr=args.lr, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
+                          dist_timeout=args.dist_timeout)
     if args.batch_size < 2:
         raise common.ConfigError(f"--batch-size {args.batch_size} must be at least 2, because the probe "
                                  f"trains on batches of at least two images")

@@ -317,3 +317,13 @@ def test_resume_missing_checkpoint_rejected(image_folder, tmp_path):
     assert result.returncode != 0
     assert f"error: checkpoint {missing} not found" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_dist_timeout_must_be_positive(value, image_folder, tmp_path):
+    shown = float(value)  # the message shows the parsed float
+    result = run_script("simclr.py", *RUN_ARGS, "--data-dir", str(image_folder), "--output-dir", str(tmp_path / "run"),
+                        "--dist-timeout", value)
+    assert result.returncode != 0
+    assert f"--dist-timeout {shown} must be a positive finite number" in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
