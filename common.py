@@ -7,12 +7,14 @@ method files. Everything here runs unchanged under `python` and under `torchrun`
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
+import multiprocessing
 import os
-import hashlib
 import random
 import shlex
 import signal
@@ -157,6 +159,7 @@ class StopSignal:
         self.stopping = False  # whether all processes agreed to stop, set by requested()
         for number in STOP_SIGNALS:
             signal.signal(number, self._record)
+        atexit.register(kill_loader_workers)
 
     def _record(self, number: int, frame) -> None:
         if number == signal.SIGINT and self.signal is not None:
@@ -184,11 +187,13 @@ class StopSignal:
         with status 128 + the signal number, as a process killed by that signal would."""
         name = signal.Signals(self.signal).name
         if env.is_main:
-            command = shlex.join(["python", os.path.basename(sys.argv[0]), *without_resume(sys.argv[1:]),
-                                  "--resume", checkpoint])
+            argv = without_resume(sys.argv[1:])
+            command = shlex.join(["python", sys.argv[0], *argv, "--resume", checkpoint])
+            auto = " (or --resume auto with the same --output-dir)" if any(
+                arg.startswith("--output-dir") for arg in argv) else ""
             print(f"stopped by {name} after finishing the step; the checkpoint is {checkpoint}\n"
-                  f"continue with the same command plus --resume {checkpoint} (or --resume auto with "
-                  f"the same --output-dir); for one process:\n  {command}", flush=True)
+                  f"continue with the same command plus --resume {checkpoint}{auto}; for one process:\n"
+                  f"  {command}", flush=True)
         cleanup_distributed()
         sys.exit(128 + self.signal)
 
@@ -215,6 +220,7 @@ def exit_on_stop_signals(program: str) -> None:
               f"part-way, so run the same command again", file=sys.stderr, flush=True)
         sys.exit(128 + number)
 
+    atexit.register(kill_loader_workers)
     for number in STOP_SIGNALS:
         signal.signal(number, stop)
 
@@ -224,6 +230,16 @@ def ignore_stop_signals(worker_id: int) -> None:
     them: the training process shuts them down after it has written its checkpoint."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+def kill_loader_workers() -> None:
+    """Kill the child processes that are still running when the training process exits.
+
+    Python's exit handler stops daemonic children with SIGTERM and waits for them with no time
+    limit. Loader workers ignore SIGTERM, so an exit on an exception would otherwise hang.
+    """
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 def resolve_resume(resume: Optional[str], output_dir: Optional[str]) -> Optional[str]:
@@ -577,7 +593,8 @@ def _native_folder_side(train_dir: str) -> int:
         with Image.open(first) as image:
             side = min(image.size)
     except OSError as error:
-        raise ConfigError(f"cannot read image {first}: {error}") from error
+        raise ConfigError(f"cannot read image {first}, whose size sets the training size: {error}; remove or "
+                          f"replace the file, or pass --image-size") from error
     return side if side <= SMALL_IMAGE_MAX_SIDE else LARGE_IMAGE_SIZE
 
 
@@ -659,7 +676,8 @@ class SkippingImageFolder(torchvision.datasets.ImageFolder):
                 if path not in self.skipped:
                     self.skipped.add(path)
                     print(f"warning: skipped unreadable image {path} ({error.__cause__}); "
-                          f"{len(self.skipped)} skipped so far in this process", file=sys.stderr, flush=True)
+                          f"{len(self.skipped)} skipped so far from {self.root} by this process",
+                          file=sys.stderr, flush=True)
         raise UnreadableImageError(f"none of the {len(self)} images under {self.root} can be read")
 
 

@@ -375,7 +375,8 @@ def main(args: Args) -> None:
                         "eta_s": seconds_per_step * (stop_step - step),
                     }, metrics_path)
                 interval_start, interval_step = time.perf_counter(), step
-            if stopper.requested(env):  # SIGTERM or SIGINT on any process: checkpoint below, then exit
+            # SIGTERM or SIGINT on any process: checkpoint below, then exit. The last step ends the run anyway.
+            if step < stop_step and stopper.requested(env):
                 break
             if step >= stop_step:
                 break

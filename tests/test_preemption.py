@@ -198,10 +198,10 @@ def test_all_images_unreadable(tmp_path):
         dataset[0]
 
 
-def launch_node(script: str, node_rank: int, port: int, extra: tuple[str, ...], timeout_s: float | None = None):
+def launch_node(script: str, port: int, extra: tuple[str, ...]):
     """Start one torchrun node of a two-node run on 127.0.0.1, one process per node."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
-               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+    # c10d assigns the ranks, so the nodes need no --node-rank.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                "--rdzv-id=loopback-test", "--local-addr=127.0.0.1", "--max-restarts=0", script, *extra]
     env = script_env({"GLOO_SOCKET_IFNAME": "lo" if sys.platform.startswith("linux") else "lo0"})
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -215,7 +215,7 @@ def test_two_nodes_on_loopback(script, image_folder, tmp_path):
              "--max-steps", "3")
     if script == "simclr.py":
         extra = (*extra, "--no-sync-bn")
-    nodes = [launch_node(script, rank, port, extra) for rank in (0, 1)]
+    nodes = [launch_node(script, port, extra) for _ in range(2)]
     outputs = [node.communicate(timeout=SCRIPT_TIMEOUT_S) for node in nodes]
     for node, (stdout, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, f"node exited with {node.returncode}\n{stdout[-2000:]}\n{stderr[-3000:]}"
@@ -249,7 +249,7 @@ def test_dead_peer_stops_run(failure, image_folder, tmp_path):
     extra = (*RUN_ARGS, "--epochs", "1000", "--warmup-epochs", "1", "--no-sync-bn", "--data-dir", str(image_folder),
              "--output-dir", str(run_dir), "--dist-timeout", "15")
     port = free_port()
-    survivor, victim = (launch_node("simclr.py", rank, port, extra) for rank in (0, 1))
+    survivor, victim = (launch_node("simclr.py", port, extra) for _ in range(2))
     try:
         deadline = time.monotonic() + SCRIPT_TIMEOUT_S
         while logged_steps(run_dir) < 2 and survivor.poll() is None and time.monotonic() < deadline:
@@ -327,3 +327,46 @@ def test_dist_timeout_must_be_positive(value, image_folder, tmp_path):
     assert result.returncode != 0
     assert f"--dist-timeout {shown} must be a positive finite number" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_second_sigint_exits_with_workers(image_folder, tmp_path):
+    # Loader workers ignore SIGTERM, so the exit on the KeyboardInterrupt of a second Ctrl-C must
+    # still end them rather than wait for them forever.
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "simclr.py", *RUN_ARGS[:-6], "--workers", "2", "--knn-every", "0", "--log-every", "1",
+               *METHOD_ARGS["simclr.py"], "--data-dir", str(image_folder), "--output-dir", str(run_dir)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=script_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + SCRIPT_TIMEOUT_S
+    while logged_steps(run_dir) < 1 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = child_pids(process.pid)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    try:
+        process.communicate(timeout=60)
+        time.sleep(1)
+        alive = [pid for pid in workers if running(pid)]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("the training process still ran 60 s after a second SIGINT")
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert len(workers) == 2, f"expected 2 loader workers, found {workers}"
+    assert process.returncode != 0
+    assert alive == [], "loader workers outlived the run"
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
