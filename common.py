@@ -213,7 +213,7 @@ def without_resume(argv: list[str]) -> list[str]:
 
 def exit_on_stop_signals(program: str) -> None:
     """Make SIGTERM and SIGINT end `program`, which keeps no partial state, with exit status 128 +
-    the signal number and a message that tells the user to run the command again."""
+    the signal number and a message to run the same command again."""
 
     def stop(number: int, frame) -> None:
         print(f"{program}: stopped by {signal.Signals(number).name} before it finished; it writes nothing "

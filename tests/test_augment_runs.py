@@ -103,14 +103,19 @@ def test_mixed_sizes_use_workers(mixed_size_folder, tmp_path):
     assert all(math.isfinite(value) for value in losses(tmp_path / "run"))
 
 
-def test_device_loader_batches(image_folder):
-    info = common.describe_dataset("folder", str(image_folder), None)
-    env = common.read_dist_env()
+def device_two_view_batches(data_dir, image_size, batch_per_process: int):
+    """Build the on-device two-view loader of a folder, as simclr.py does; return its loader, epoch-0
+    batches and image count."""
+    info = common.describe_dataset("folder", str(data_dir), image_size)
     recipe = common.simclr_recipe(32, info.mean, info.std, 0.5, blur=False)
-    loader, sampler, count = common.device_pretrain_loader(info, recipe, 2, lambda v: tuple(v.chunk(2)), 8, 0,
-                                                           env, seed=0)
+    loader, sampler, count = common.device_pretrain_loader(info, recipe, 2, lambda views: tuple(views.chunk(2)),
+                                                           batch_per_process, 0, common.read_dist_env(), seed=0)
     sampler.set_epoch(0)
-    batches = [views for views, _ in loader]
+    return loader, [views for views, _ in loader], count
+
+
+def test_device_loader_batches(image_folder):
+    loader, batches, count = device_two_view_batches(image_folder, None, 8)
     assert count == 26
     assert len(batches) == len(loader) == 3
     for x1, x2 in batches:
@@ -120,13 +125,7 @@ def test_device_loader_batches(image_folder):
 
 
 def test_worker_crops_finished_on_device(mixed_size_folder):
-    info = common.describe_dataset("folder", str(mixed_size_folder), 32)
-    env = common.read_dist_env()
-    recipe = common.simclr_recipe(32, info.mean, info.std, 0.5, blur=False)
-    loader, sampler, count = common.device_pretrain_loader(info, recipe, 2, lambda v: tuple(v.chunk(2)), 4, 0,
-                                                           env, seed=0)
-    sampler.set_epoch(0)
-    batches = [views for views, _ in loader]
+    _, batches, count = device_two_view_batches(mixed_size_folder, 32, 4)
     assert count == 12
     assert len(batches) == 3
     for x1, x2 in batches:
@@ -161,7 +160,7 @@ def test_sampler_keeps_no_image_copy(image_folder):
 
 
 def test_unreadable_image_in_memory_skipped(image_folder, tmp_path, capsys):
-    # The folder serves the next image in place of one that cannot be decoded, and says so.
+    # The folder replaces an undecodable image by the next one and prints a warning.
     import shutil
     shutil.copytree(image_folder, tmp_path / "data")
     broken = tmp_path / "data" / "train" / "class_c" / "broken.png"

@@ -321,11 +321,11 @@ def test_resume_missing_checkpoint_rejected(image_folder, tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
 def test_dist_timeout_must_be_positive(value, image_folder, tmp_path):
-    shown = float(value)  # the message shows the parsed float
+    parsed = float(value)  # the message prints the value as tyro parsed it
     result = run_script("simclr.py", *RUN_ARGS, "--data-dir", str(image_folder), "--output-dir", str(tmp_path / "run"),
                         "--dist-timeout", value)
     assert result.returncode != 0
-    assert f"--dist-timeout {shown} must be a positive finite number" in result.stderr, result.stderr
+    assert f"--dist-timeout {parsed} must be a positive finite number" in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -341,6 +341,7 @@ def test_second_sigint_exits_with_workers(image_folder, tmp_path):
     while logged_steps(run_dir) < 1 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     workers = child_pids(process.pid)
+
     process.send_signal(signal.SIGINT)
     time.sleep(0.1)
     process.send_signal(signal.SIGINT)
@@ -358,6 +359,7 @@ def test_second_sigint_exits_with_workers(image_folder, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
     assert len(workers) == 2, f"expected 2 loader workers, found {workers}"
     assert process.returncode != 0
     assert alive == [], "loader workers outlived the run"
