@@ -108,7 +108,7 @@ def time_batched(images: torch.Tensor, recipe: common.AugmentRecipe, batch: int,
     return rates
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=RECIPES, default="simclr",
                         help="augmentation of one view, as the method scripts build it (default: simclr)")
@@ -121,6 +121,11 @@ def main() -> None:
                         help="CPU cores for (a) and (b): data-loader workers and torch threads (default: all)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes per contestant; the median is reported")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images and of the augmentation")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     for flag in ("image_size", "images", "batch_size", "cuda_batch_size", "cuda_images", "cores", "repeats"):
         if getattr(args, flag) < 1:

@@ -1,9 +1,9 @@
 """End-to-end training throughput and peak memory of every method script, one configuration at a time.
 
 For each method (simclr, moco, dcl, infonce_cpc) and each configuration of --configs, this script
-runs the method script itself as a subprocess:
+runs the method script itself as a subprocess, with these flags:
 
-    python METHOD.py --dataset folder --data-dir DATA --arch ARCH --image-size S --batch-size B \\
+    METHOD.py --dataset folder --data-dir DATA --arch ARCH --image-size S --batch-size B \\
         --max-steps STEPS --log-every L --knn-every 0 --checkpoint-every 1000000 \\
         --output-dir RUN --overwrite [configuration flags] [--method-args]
 
@@ -21,9 +21,9 @@ views of it, CPC one grid of patches, so rates compare configurations of one met
 The epoch time is --epoch-images divided by that rate, which leaves out the per-epoch work
 (loader restart, checkpoint, kNN monitor).
 
-Peak memory comes from a small launcher: each run executes as `python benchmarks/train.py --_child
-MEMORY_JSON METHOD.py ARGS...`, which runs the script with runpy, as `python METHOD.py ARGS...`
-would, and then records the memory. On CUDA it records torch.cuda.max_memory_allocated, the peak of
+Peak memory comes from a small launcher: each run executes as this script with `--_child
+MEMORY_JSON` followed by the method script and its flags. The launcher runs the method script with
+runpy, as Python would run it directly, and then records the memory. On CUDA it records torch.cuda.max_memory_allocated, the peak of
 the tensors that PyTorch's caching allocator handed out, including the dataset that
 --augment-on-device holds on the GPU. The memory the allocator reserved and the CUDA context are
 not in it. On the CPU it records the peak resident set size (getrusage ru_maxrss) of the training
@@ -353,7 +353,7 @@ def print_table(results: list[dict], epoch_images: int, machine: dict) -> None:
           "workers excluded")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated method scripts to run (default {','.join(METHODS)})")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated configurations: 'baseline' or parts from "
@@ -378,6 +378,11 @@ def main() -> None:
                         "(default: a temporary folder, removed at the end)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds after which a run is killed and reported as failed (default: none)")
     parser.add_argument("--json", default=None, help="also write the JSON report to this file")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     methods = [method.strip() for method in args.methods.split(",") if method.strip()]

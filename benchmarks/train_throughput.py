@@ -125,7 +125,7 @@ def plain_loop_throughput(args: argparse.Namespace, image_size: int, plain) -> t
     return args.steps * n / sum(step_seconds), step_seconds
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None, help="ImageFolder with DATA_DIR/train/<class>/<image>; default: synthetic 32-px JPEGs in a temporary folder")
     parser.add_argument("--arch", default="resnet18", help="torchvision ResNet (default resnet18)")
@@ -137,6 +137,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="data-loading processes of simclr.py (default: simclr.py's)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both runs; the ratio is the median over rounds (default 3)")
     parser.add_argument("--min-ratio", type=float, default=None, help="exit with status 1 when simclr.py / plain loop is below this")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.steps % args.warmup_steps != 0:
         parser.error(f"--steps {args.steps} must be a multiple of --warmup-steps {args.warmup_steps}, the log interval")

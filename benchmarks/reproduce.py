@@ -1,4 +1,4 @@
-"""A method on a CIFAR-10 subset within a CPU budget: pretrain, then score against a random backbone.
+"""Pretrain a method on CIFAR-10 JPEGs, then score it and a random backbone with eval_linear.py.
 
 Builds a `folder` dataset of the first --train-per-class training and --test-per-class test images
 of each class from a CIFAR-10 copy in class folders (SRC/train/<class>/*.jpg, SRC/test/...), runs
@@ -7,18 +7,23 @@ of each class from a CIFAR-10 copy in class folders (SRC/train/<class>/*.jpg, SR
     python eval_linear.py --checkpoint RUN/checkpoint.pt
     python eval_linear.py --checkpoint RUN/checkpoint.pt --random-init
 
-and prints the kNN and linear-probe figures of both, the wall times and the machine, ending with
-one line of JSON. With --min-knn and --min-knn-gain it exits with status 1 when the pretrained
-kNN top-1 falls below the bound or beats the random backbone by less than the gain.
+and prints the kNN and linear-probe figures of both at the final step, the wall times, the machine
+and the software, ending with one line of JSON. With --min-knn and --min-knn-gain it exits with
+status 1 when the pretrained kNN top-1 falls below the bound or beats the random backbone by less
+than the gain.
 
---method picks the script (simclr, moco, dcl or infonce_cpc), and --method-args adds flags to its
-command, to score other settings on the same subset.
+The defaults are the CPU budget of the records in benchmarks/README.md: 1,000 training and 200
+test images per class, 170 steps of batch 128. --max-steps 0 trains the method's whole schedule,
+and 5,000 and 1,000 images per class are all of CIFAR-10. --method picks the script (simclr, moco,
+dcl or infonce_cpc), and --method-args adds flags to its command.
 
-Run (the full check, about 40 minutes for SimCLR on a 2-core CPU):
-    python benchmarks/cpu_budget.py --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/simclr-cpu \
-        --min-knn 0.37 --min-knn-gain 0.04
-    python benchmarks/cpu_budget.py --method moco --cifar10-dir /tmp/cifar10-jpg --work-dir /tmp/moco-cpu \
-        --method-args "--queue-size 4096 --momentum 0.99 --temperature 0.1 --cos --aug-plus"
+Run (about 40 minutes for SimCLR on a 2-core CPU):
+    python benchmarks/reproduce.py --method simclr --cifar10-dir CIFAR10_JPEG_DIR --work-dir WORK_DIR
+    python benchmarks/reproduce.py --method moco --cifar10-dir CIFAR10_JPEG_DIR --work-dir WORK_DIR \
+        --method-args "--queue-size 4096 --momentum 0.99 --temperature 0.1 --weight-decay 5e-4 --cos --aug-plus"
+The full-length run of SimCLR's defaults on all of CIFAR-10 (a GPU run):
+    python benchmarks/reproduce.py --method simclr --cifar10-dir CIFAR10_JPEG_DIR --work-dir WORK_DIR \
+        --train-per-class 5000 --test-per-class 1000 --batch-size 512 --max-steps 0
 """
 
 from __future__ import annotations
@@ -84,22 +89,41 @@ def last_json_line(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def main() -> None:
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; give 1 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cifar10-dir", required=True, help="CIFAR-10 as class folders: DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
     parser.add_argument("--work-dir", required=True, help="folder for the subset and the run (created; must not hold a run already)")
-    parser.add_argument("--train-per-class", type=int, default=1000, help="training images per class (default 1000)")
-    parser.add_argument("--test-per-class", type=int, default=200, help="test images per class (default 200)")
-    parser.add_argument("--max-steps", type=int, default=170, help="optimiser steps of pretraining (default 170)")
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch size of pretraining (default 128)")
+    parser.add_argument("--train-per-class", type=positive_int, default=1000, help="training images per class (default 1000; 5000 is all of CIFAR-10)")
+    parser.add_argument("--test-per-class", type=positive_int, default=200, help="test images per class (default 200; 1000 is all of CIFAR-10)")
+    parser.add_argument("--max-steps", type=non_negative_int, default=170, help="optimiser steps of pretraining (default 170); 0 trains the method's whole schedule")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="global batch size of pretraining (default 128)")
     parser.add_argument("--arch", default="resnet18", help="backbone (default resnet18)")
     parser.add_argument("--method", choices=("simclr", "moco", "dcl", "infonce_cpc"), default="simclr", help="method script to pretrain with (default simclr)")
     parser.add_argument("--method-args", default="", help="further flags of the method script, one quoted string (for example \"--epochs 3 --warmup-epochs 0.1\"); "
                              "write a single flag with an equals sign, as in --method-args=--weighted, because argparse "
                              "reads a lone value that starts with -- as an option")
+    parser.add_argument("--nproc-per-node", type=positive_int, default=1, help="processes (GPUs) of pretraining and evaluation; more than 1 runs both under torchrun --standalone")
     parser.add_argument("--min-knn", type=float, default=None, help="fail when the pretrained kNN top-1 is below this fraction")
     parser.add_argument("--min-knn-gain", type=float, default=None, help="fail when the pretrained kNN top-1 beats the random backbone by less than this")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     data_dir = os.path.join(args.work_dir, "data")
     run_dir = os.path.join(args.work_dir, "run")
@@ -108,22 +132,27 @@ def main() -> None:
     counts = build_subset(args.cifar10_dir, data_dir, {"train": args.train_per_class, "test": args.test_per_class})
     print(f"subset: {counts['train']} training and {counts['test']} test images in {data_dir}", flush=True)
 
-    python = sys.executable
+    launcher = [sys.executable]
+    if args.nproc_per_node > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
+    step_limit = ["--max-steps", str(args.max_steps)] if args.max_steps > 0 else []
     train_seconds, _ = run(
-        [python, f"{args.method}.py", "--dataset", "folder", "--data-dir", data_dir, "--arch", args.arch,
-         "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps), "--output-dir", run_dir, *shlex.split(args.method_args)],
+        [*launcher, f"{args.method}.py", "--dataset", "folder", "--data-dir", data_dir, "--arch", args.arch,
+         "--batch-size", str(args.batch_size), *step_limit, "--output-dir", run_dir, *shlex.split(args.method_args)],
         os.path.join(args.work_dir, "train.log"),
     )
     checkpoint = os.path.join(run_dir, "checkpoint.pt")
-    eval_seconds, eval_output = run([python, "eval_linear.py", "--checkpoint", checkpoint],
+    eval_seconds, eval_output = run([*launcher, "eval_linear.py", "--checkpoint", checkpoint],
                                     os.path.join(args.work_dir, "eval.log"))
-    random_seconds, random_output = run([python, "eval_linear.py", "--checkpoint", checkpoint, "--random-init"],
+    random_seconds, random_output = run([*launcher, "eval_linear.py", "--checkpoint", checkpoint, "--random-init"],
                                         os.path.join(args.work_dir, "eval_random_init.log"))
     pretrained, random_init = last_json_line(eval_output), last_json_line(random_output)
 
     import torch
     import torchvision
 
+    steps = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result = {
         "knn_top1": pretrained["knn_top1"],
         "linear_top1": pretrained["linear_top1"],
@@ -131,19 +160,22 @@ def main() -> None:
         "random_linear_top1": random_init["linear_top1"],
         "knn_gain": pretrained["knn_top1"] - random_init["knn_top1"],
         "train_images": counts["train"], "test_images": counts["test"],
+        "steps": steps, "epochs": round(steps * args.batch_size / counts["train"], 2),
         "max_steps": args.max_steps, "batch_size": args.batch_size, "arch": args.arch,
         "method": args.method, "method_args": args.method_args,
         "train_s": round(train_seconds, 1), "eval_s": round(eval_seconds, 1), "random_eval_s": round(random_seconds, 1),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": platform.processor() or platform.machine(), "gpu": gpu, "processes": args.nproc_per_node,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
     }
     print()
     print(f"{'backbone':<22}{'kNN top-1':>10}{'linear top-1':>14}")
-    print(f"{args.method + ', ' + str(args.max_steps) + ' steps':<22}{result['knn_top1']:>10.4f}{result['linear_top1']:>14.4f}")
+    print(f"{args.method + ', ' + str(steps) + ' steps':<22}{result['knn_top1']:>10.4f}{result['linear_top1']:>14.4f}")
     print(f"{'random init':<22}{result['random_knn_top1']:>10.4f}{result['random_linear_top1']:>14.4f}")
+    hardware = f"{args.nproc_per_node} x {gpu}" if gpu else f"{result['cpus']} CPUs ({result['processor']})"
+    print(f"{steps} steps = {result['epochs']} epochs of {counts['train']} images at batch {args.batch_size}")
     print(f"pretraining {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} + {random_seconds / 60:.1f} min "
-          f"on {result['cpus']} CPUs; torch {torch.__version__}, torchvision {torchvision.__version__}")
+          f"on {hardware}; Python {result['python']}, torch {torch.__version__}, torchvision {torchvision.__version__}")
     print(json.dumps(result), flush=True)
 
     failures = []
