@@ -49,6 +49,8 @@ CHECKPOINT_FORMAT = "contrastive-ssl-checkpoint"
 CHECKPOINT_VERSION = 1
 # Images of this side or less are "small": CIFAR stem, SimCLR's CIFAR augmentation, no
 # resize-and-centre-crop at evaluation.
+# DEVIATION: SimCLR's code uses the CIFAR stem up to 32 px; 64 px here, so that images of 33 to
+# 64 px also keep their resolution through the first residual stage.
 SMALL_IMAGE_MAX_SIDE = 64
 
 
@@ -767,6 +769,9 @@ def pretrain_loader(dataset: Dataset, batch_per_process: int, workers: int, env:
         sampler=sampler,
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
+        # DEVIATION: an epoch is floor(images / B) full batches, so every step has the global batch
+        # that the loss and the learning-rate scaling assume. SimCLR's code batches a repeated
+        # dataset for epochs * images / B steps in all, so its batches cross epoch boundaries.
         drop_last=True,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed + env.rank),
@@ -812,7 +817,8 @@ def simclr_augmentation(
     # DEVIATION: torchvision's ColorJitter scales brightness by a factor in [1-0.8s, 1+0.8s], as
     # SimCLR v2's code does; SimCLR v1's code adds an offset instead. The ops run in random order
     # in both. Crops that fail 10 sampling attempts fall back to a centre crop (torchvision)
-    # rather than after 100 (SimCLR's code).
+    # rather than after 100 (SimCLR's code). The crop is resized bilinearly with antialiasing, where
+    # SimCLR's code resizes bicubically.
     steps: list[nn.Module] = [
         T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
         T.RandomHorizontalFlip(),
@@ -1371,6 +1377,8 @@ def build_backbone(arch: str, cifar_stem: bool, zero_init_residual: bool = False
     if arch not in ResNetArch.__args__:
         raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ResNetArch.__args__)}")
     extra = {"norm_layer": norm_layer} if norm_layer is not None else {}
+    # DEVIATION: torchvision's initialisation (Kaiming normal for convolutions); SimCLR's TensorFlow
+    # code uses its variance-scaling initialiser, and MoCo's code torchvision's, as here.
     model = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual, **extra)
     if cifar_stem:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
@@ -1939,7 +1947,7 @@ def extract_features(
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Predict labels by weighted k-nearest-neighbour vote (Wu et al. 2018, section 3.4).
+    """Predict labels by weighted k-nearest-neighbour vote (Wu et al. 2018).
 
     Features are L2-normalised. Each of the k most cosine-similar training images votes for its
     label with weight exp(similarity / temperature), and the class with the largest total wins.
@@ -1968,7 +1976,7 @@ def knn_top1(train_features, train_labels, test_features, test_labels, num_class
 def knn_monitor(backbone: nn.Module, train_set: Dataset, test_set: Dataset, batch_size: int, workers: int,
                 env: DistEnv, precision: str, memory_format: torch.memory_format = torch.contiguous_format,
                 k: int = 200, temperature: float = 0.1) -> float:
-    """Weighted-kNN top-1 of `backbone`'s features (k=200, T=0.1 as in Wu et al. 2018).
+    """Weighted-kNN top-1 of `backbone`'s features (k=200, T=0.1 as in Wu et al. 2018's CIFAR code).
 
     Every rank takes part. The backbone runs in eval mode, so BatchNorm uses its running
     statistics, and is put back in its previous mode afterwards. Those statistics are first

@@ -68,7 +68,7 @@ class Args:
     lr: Optional[float] = None
     """probe learning rate per 256 images, scaled linearly with --batch-size. Unset: 0.1 with --protocol standard (this collection's choice for standardised features), 30 with --protocol moco (MoCo authors)"""
     weight_decay: float = 0.0
-    """probe weight decay (SimCLR and MoCo use none)"""
+    """probe weight decay (MoCo's main_lincls.py and SimCLR's CIFAR-10 linear-head command: 0)"""
     momentum: float = 0.9
     """momentum of the probe's SGD, below 1: above 0 with --protocol standard, which uses Nesterov momentum (SimCLR paper: 0.9 with Nesterov), and 0 or more with --protocol moco (MoCo authors: 0.9)"""
     augment: common.SwitchOnFlag = False
@@ -76,7 +76,7 @@ class Args:
     knn_k: int = 200
     """neighbours of the kNN classifier (Wu et al. 2018: 200)"""
     knn_temperature: float = 0.1
-    """temperature of the kNN vote weights exp(cos/T) (Wu et al. 2018: 0.1)"""
+    """temperature of the kNN vote weights exp(cos/T) (Wu et al. 2018's CIFAR code and the MoCo CIFAR-10 demo: 0.1)"""
     workers: Optional[int] = None
     """data-loading processes per process (0 loads in the main process). Unset: this node's CPUs divided by its processes, at most 8"""
     precision: common.Precision = "auto"

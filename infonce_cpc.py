@@ -1,7 +1,7 @@
 """CPC: Contrastive Predictive Coding on images, trained with the InfoNCE loss.
 
 Paper: van den Oord, Li and Vinyals, "Representation Learning with Contrastive Predictive Coding",
-2018 (arXiv:1807.03748), section 3.3 for images; options from CPC v2: Henaff et al.,
+2018 (arXiv:1807.03748), section 3.2 for images; options from CPC v2: Henaff et al.,
 "Data-Efficient Image Recognition with Contrastive Predictive Coding", ICML 2020 (arXiv:1905.09272).
 
 Each image is cut into a G x G grid of overlapping square patches x_ij, and the rows of the grid
@@ -205,6 +205,8 @@ class ContextNetwork(nn.Module):
 
     def __init__(self, dim: int, hidden: int, blocks: int):
         super().__init__()
+        # DEVIATION: the papers give no layer-by-layer design of g_ar. These blocks follow the
+        # PixelCNN-style residual stack of the pl_bolts CPC v2 port in size, not in layout.
         self.blocks = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(dim, hidden, kernel_size=1),
@@ -248,6 +250,8 @@ class CPC(nn.Module):
         x = patches.flatten(0, 2).contiguous(memory_format=memory_format)  # (N*G*G, 3, P, P)
         z = self.backbone(x).view(n, g, g, -1).permute(0, 3, 1, 2)  # (N, F, G, G)
         c = self.context(z)  # (N, F, G, G)
+        # DEVIATION: predictions run top-down only; CPC v2 also predicts from the other three
+        # directions. One direction keeps the masking and the loss simple to check.
         predictions = self.predictor(c).view(n, self.pred_steps, -1, g, g).transpose(0, 1)  # (K, N, F, G, G)
         return predictions, self.target_projection(z)
 
