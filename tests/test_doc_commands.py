@@ -301,3 +301,19 @@ def test_measured_figures_skip_published_column() -> None:
         "| run | kNN top-1 |", "|---|---|", "| c | 0.999 |",
     ])
     assert measured_figures(page) == [("kNN top-1", "0.3405"), ("kNN top-1", "0.1"), ("linear top-1", "0.374")]
+
+
+def test_relative_links_resolve() -> None:
+    pages = [REPO_ROOT / "README.md", REPO_ROOT / "benchmarks" / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.relative_to(REPO_ROOT)} links to {target}, which does not exist"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)
+                slugs = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+                assert anchor in slugs, f"{page.relative_to(REPO_ROOT)} links to #{anchor}, which is no heading of {linked.name}"
