@@ -1612,9 +1612,8 @@ def prepare_output_dir(output_dir: str, resume: Optional[str], overwrite: bool, 
         checkpoint = os.path.join(output_dir, "checkpoint.pt")
         resuming_here = resume is not None and os.path.exists(checkpoint) and os.path.samefile(resume, checkpoint)
         if os.path.exists(checkpoint) and not resuming_here and not overwrite:
-            error = (f"{output_dir} already contains a checkpoint of another run; pass --resume "
-                     f"{checkpoint} to continue that run, --overwrite to replace it, or choose another "
-                     f"--output-dir")
+            error = (f"{output_dir} already contains a checkpoint; pass --resume {checkpoint} to "
+                     f"continue that run, --overwrite to replace it, or choose another --output-dir")
         else:
             try:
                 os.makedirs(output_dir, exist_ok=True)

@@ -37,24 +37,60 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Flags that this script sets on the method's command and reports in its summary, so that
+# --method-args must not set them again.
+OWN_FLAGS = ("--dataset", "--data-dir", "--arch", "--batch-size", "--max-steps", "--output-dir")
+
+
 def link_or_copy(src: str, dst: str) -> None:
+    if os.path.exists(dst):  # left by an earlier, interrupted run in the same --work-dir
+        return
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or links not allowed
         shutil.copyfile(src, dst)
 
 
+def cpu_model() -> str:
+    """Return the CPU's model name from /proc/cpuinfo, or platform's guess where there is none."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> Optional[str]:
+    """Return the repository's commit, with "+changes" when tracked files differ from it, or None."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
 def build_subset(source: str, target: str, per_class: dict[str, int]) -> dict[str, int]:
     """Take the first images (by file name) of every class of each split; return the counts."""
+    if not os.path.isdir(source):
+        sys.exit(f"error: --cifar10-dir {source} not found; give the folder that holds CIFAR-10's train/ and test/ "
+                 f"class folders")
+    for split in per_class:
+        if not os.path.isdir(os.path.join(source, split)):
+            sys.exit(f"error: {os.path.join(source, split)} not found; --cifar10-dir must contain train/ and test/ "
+                     f"class folders")
     counts = {}
     for split, limit in per_class.items():
         split_dir = os.path.join(source, split)
-        if not os.path.isdir(split_dir):
-            sys.exit(f"error: {split_dir} not found; --cifar10-dir must contain train/ and test/ class folders")
         counts[split] = 0
         for class_name in sorted(os.listdir(split_dir)):
             class_dir = os.path.join(split_dir, class_name)
@@ -123,7 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    parser = build_parser()
+    args = parser.parse_args()
+    for token in shlex.split(args.method_args):
+        if token.split("=", 1)[0] in OWN_FLAGS:
+            parser.error(f"--method-args sets {token.split('=', 1)[0]}, which this script sets itself; use its own "
+                         f"flag of that name (--dataset, --data-dir and --output-dir are fixed)")
+    # The method scripts run in the repository root, so relative paths must not depend on it.
+    args.cifar10_dir, args.work_dir = os.path.abspath(args.cifar10_dir), os.path.abspath(args.work_dir)
 
     data_dir = os.path.join(args.work_dir, "data")
     run_dir = os.path.join(args.work_dir, "run")
@@ -151,6 +194,9 @@ def main() -> None:
     import torch
     import torchvision
 
+    import numpy
+    import tyro
+
     steps = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result = {
@@ -165,17 +211,22 @@ def main() -> None:
         "method": args.method, "method_args": args.method_args,
         "train_s": round(train_seconds, 1), "eval_s": round(eval_seconds, 1), "random_eval_s": round(random_seconds, 1),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "processor": platform.processor() or platform.machine(), "gpu": gpu, "processes": args.nproc_per_node,
+        "processor": cpu_model(), "gpu": gpu, "processes": args.nproc_per_node,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+        "tyro": tyro.__version__, "numpy": numpy.__version__, "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     print()
     print(f"{'backbone':<22}{'kNN top-1':>10}{'linear top-1':>14}")
     print(f"{args.method + ', ' + str(steps) + ' steps':<22}{result['knn_top1']:>10.4f}{result['linear_top1']:>14.4f}")
     print(f"{'random init':<22}{result['random_knn_top1']:>10.4f}{result['random_linear_top1']:>14.4f}")
     hardware = f"{args.nproc_per_node} x {gpu}" if gpu else f"{result['cpus']} CPUs ({result['processor']})"
-    print(f"{steps} steps = {result['epochs']} epochs of {counts['train']} images at batch {args.batch_size}")
+    print(f"figures at the final step: {steps} steps = {result['epochs']} epochs of {counts['train']} images "
+          f"at batch {args.batch_size}")
     print(f"pretraining {train_seconds / 60:.1f} min, evaluation {eval_seconds / 60:.1f} + {random_seconds / 60:.1f} min "
-          f"on {hardware}; Python {result['python']}, torch {torch.__version__}, torchvision {torchvision.__version__}")
+          f"on {hardware}")
+    print(f"Python {result['python']}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"tyro {tyro.__version__}, numpy {numpy.__version__}; commit {result['commit']}, {result['date']} (UTC)")
     print(json.dumps(result), flush=True)
 
     failures = []

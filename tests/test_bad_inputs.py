@@ -173,7 +173,7 @@ def test_output_dir_with_checkpoint(run_copy, image_folder):
     before = folder_digest(run_copy)
     result = run_script("simclr.py", *SMOKE_ARGS, "--data-dir", str(image_folder), "--max-steps", "2",
                         "--output-dir", str(run_copy))
-    assert_config_error(result, f"{run_copy} already contains a checkpoint of another run",
+    assert_config_error(result, f"{run_copy} already contains a checkpoint; pass --resume",
                         f"pass --resume {run_copy / 'checkpoint.pt'} to continue that run", "--overwrite",
                         "choose another --output-dir")
     assert (run_copy / "checkpoint.pt").read_bytes() == checkpoint_bytes, "the old checkpoint changed"
@@ -184,7 +184,7 @@ def test_resume_into_other_run(run_copy, pretrained_run, image_folder):
     before = folder_digest(run_copy)
     result = run_script("simclr.py", *SMOKE_ARGS, "--data-dir", str(image_folder), "--max-steps", "4",
                         "--resume", str(pretrained_run.checkpoint), "--output-dir", str(run_copy))
-    assert_config_error(result, f"{run_copy} already contains a checkpoint of another run", "--overwrite")
+    assert_config_error(result, f"{run_copy} already contains a checkpoint; pass --resume", "--overwrite")
     assert folder_digest(run_copy) == before
 
 
