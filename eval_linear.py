@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -268,9 +269,15 @@ def main(args: Args) -> None:
               f"protocol, {args.epochs} epochs, lr {args.lr} per 256 images, augment {args.augment}")
 
     # Features of the plain images, computed once: kNN bank and queries, cached probe inputs.
+    # Encoding 60,000 CIFAR images takes minutes on a CPU, so the start and end are reported.
     batch_per_process = args.batch_size // env.world_size
+    if env.is_main:
+        print(f"encoding {len(train_set)} training and {len(test_set)} test images", flush=True)
+    encode_start = time.perf_counter()
     train_features, train_labels = common.extract_features(encoder, train_set, batch_per_process, workers, env, precision)  # (M, F)
     test_features, test_labels = common.extract_features(encoder, test_set, batch_per_process, workers, env, precision)  # (Q, F)
+    if env.is_main:
+        print(f"encoded in {time.perf_counter() - encode_start:.0f} s", flush=True)
     knn_k = min(args.knn_k, len(train_set))  # the vote cannot use more neighbours than there are
     if knn_k < args.knn_k and env.is_main:
         print(f"note: --knn-k {args.knn_k} is more than the {len(train_set)} training images, so the kNN "

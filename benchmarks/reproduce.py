@@ -167,6 +167,7 @@ def main() -> None:
                          f"flag of that name (--dataset, --data-dir and --output-dir are fixed)")
     # The method scripts run in the repository root, so relative paths must not depend on it.
     args.cifar10_dir, args.work_dir = os.path.abspath(args.cifar10_dir), os.path.abspath(args.work_dir)
+    commit = git_commit()  # before the runs, which read the files as they are now
 
     data_dir = os.path.join(args.work_dir, "data")
     run_dir = os.path.join(args.work_dir, "run")
@@ -213,7 +214,7 @@ def main() -> None:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "processor": cpu_model(), "gpu": gpu, "processes": args.nproc_per_node,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-        "tyro": tyro.__version__, "numpy": numpy.__version__, "commit": git_commit(),
+        "tyro": tyro.__version__, "numpy": numpy.__version__, "commit": commit,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     print()
