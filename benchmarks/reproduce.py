@@ -56,18 +56,6 @@ def link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def cpu_model() -> str:
-    """Return the CPU's model name from /proc/cpuinfo, or platform's guess where there is none."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_commit() -> Optional[str]:
     """Return the repository's commit, with "+changes" when tracked files differ from it, or None."""
     try:
@@ -197,6 +185,8 @@ def main() -> None:
 
     import numpy
     import tyro
+
+    from train import cpu_model  # benchmarks/train.py, beside this script, which reports the same machine facts
 
     steps = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -152,14 +152,14 @@ def benchmark_parser(script: str):
     return module.build_parser()
 
 
-def parse_or_fail(parse, argv: list[str], what: str) -> object:
+def parse_or_fail(parse, argv: list[str], parser_name: str) -> object:
     """Call `parse(argv)`; turn the SystemExit of a rejected command line into an AssertionError."""
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             return parse(argv)
     except SystemExit as error:
-        raise AssertionError(f"{what} rejects {shlex.join(argv)!r} (exit status {error.code}):\n{stderr.getvalue()}")
+        raise AssertionError(f"{parser_name} rejects {shlex.join(argv)!r} (exit status {error.code}):\n{stderr.getvalue()}")
 
 
 def check_method_args(scripts: list[str], method_args: str, base: list[str]) -> None:
